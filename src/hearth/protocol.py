@@ -1,0 +1,371 @@
+"""The device <-> cloud contract: topics, message schemas, model specs and limits.
+
+This is the only module the device runtime and the service share. Everything that crosses
+the link is JSON, validated from raw bytes with pydantic v2 in strict mode (unknown fields
+refused) and then against the model's physical ranges. Every refusal raises
+:class:`hearth.errors.ValidationError` with one of the stable :class:`Reason` codes.
+
+Topics (``{id}`` is the unit's device id, which is also its certificate CN and MQTT
+username)::
+
+    hearth/v1/d/{id}/telemetry     unit -> cloud   Telemetry
+    hearth/v1/d/{id}/event         unit -> cloud   Event
+    hearth/v1/d/{id}/cmd           cloud -> unit   Command
+    hearth/v1/d/{id}/cmd/result    unit -> cloud   CommandResult
+
+Example::
+
+    msg = parse_telemetry(raw_bytes, topic_device_id=device_id, model=MODELS["thermostat"])
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import math
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, TypeVar
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+
+from hearth.errors import ValidationError
+
+__all__ = [
+    "MAX_PAYLOAD_BYTES",
+    "MAX_READINGS",
+    "MODELS",
+    "TOPIC_PREFIX",
+    "Command",
+    "CommandResult",
+    "CommandSpec",
+    "Event",
+    "ModelSpec",
+    "ReadingSpec",
+    "Reason",
+    "Telemetry",
+    "command_topic",
+    "device_topic",
+    "new_command_id",
+    "parse_command",
+    "parse_command_result",
+    "parse_event",
+    "parse_telemetry",
+    "parse_topic",
+    "validate_values",
+]
+
+# --- limits ---------------------------------------------------------------------------
+MAX_PAYLOAD_BYTES = 16 * 1024
+"""Largest message accepted in either direction."""
+MAX_READINGS = 32
+"""Most readings (or command parameters) in one message."""
+MAX_FUTURE_SKEW = dt.timedelta(minutes=5)
+"""A message stamped further ahead than this is refused (clock skew allowance)."""
+EARLIEST_TIMESTAMP = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+MAX_SEQ = 2**63 - 1
+COMMAND_TTL = dt.timedelta(minutes=5)
+
+TOPIC_PREFIX = "hearth/v1/d"
+_TOPIC_RE = re.compile(r"^hearth/v1/d/([0-9a-f]{32})/(telemetry|event|cmd|cmd/result)$")
+_NAME = r"^[a-z][a-z0-9_]{0,31}$"
+_DEVICE_ID = r"^[0-9a-f]{32}$"
+
+
+class Reason(enum.StrEnum):
+    """Stable reason codes for refused input (counted, stored in quarantine)."""
+
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    MALFORMED_JSON = "malformed_json"
+    INVALID_SCHEMA = "invalid_schema"
+    UNKNOWN_FIELD = "unknown_field"
+    DEVICE_MISMATCH = "device_mismatch"
+    UNKNOWN_DEVICE = "unknown_device"
+    UNKNOWN_TOPIC = "unknown_topic"
+    UNKNOWN_READING = "unknown_reading"
+    WRONG_TYPE = "wrong_type"
+    OUT_OF_RANGE = "out_of_range"
+    TOO_MANY_READINGS = "too_many_readings"
+    TIMESTAMP_OUT_OF_RANGE = "timestamp_out_of_range"
+    REPLAYED_SEQUENCE = "replayed_sequence"
+    UNKNOWN_COMMAND = "unknown_command"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+
+
+# --- topics -----------------------------------------------------------------------------
+def device_topic(device_id: str, kind: str) -> str:
+    """``hearth/v1/d/{device_id}/{kind}`` for kind in telemetry, event, cmd, cmd/result."""
+    topic = f"{TOPIC_PREFIX}/{device_id}/{kind}"
+    if not _TOPIC_RE.match(topic):
+        raise ValueError(f"not a valid device topic: {topic!r}")
+    return topic
+
+
+def command_topic(device_id: str) -> str:
+    return device_topic(device_id, "cmd")
+
+
+def parse_topic(topic: str) -> tuple[str, str]:
+    """Split a device topic into ``(device_id, kind)``; refuses anything else."""
+    m = _TOPIC_RE.match(topic)
+    if not m:
+        raise ValidationError(Reason.UNKNOWN_TOPIC, "topic is not a Hearth device topic")
+    return m.group(1), m.group(2)
+
+
+# --- model specs --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReadingSpec:
+    """One reading or parameter: its type, unit and physical range."""
+
+    kind: Literal["number", "bool", "enum"]
+    unit: str = ""
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[str, ...] = ()
+    description: str = ""
+
+    def check(self, name: str, value: object) -> None:
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise ValidationError(Reason.WRONG_TYPE, f"{name} must be true or false")
+            return
+        if self.kind == "enum":
+            if not isinstance(value, str):
+                raise ValidationError(Reason.WRONG_TYPE, f"{name} must be a string")
+            if value not in self.choices:
+                raise ValidationError(
+                    Reason.OUT_OF_RANGE, f"{name} must be one of {', '.join(self.choices)}"
+                )
+            return
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValidationError(Reason.WRONG_TYPE, f"{name} must be a number")
+        if not math.isfinite(value):
+            raise ValidationError(Reason.OUT_OF_RANGE, f"{name} must be finite")
+        if (self.min is not None and value < self.min) or (
+            self.max is not None and value > self.max
+        ):
+            raise ValidationError(
+                Reason.OUT_OF_RANGE,
+                f"{name}={value} is outside {self.min}..{self.max} {self.unit}".rstrip(),
+            )
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    params: Mapping[str, ReadingSpec] = field(default_factory=dict)
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a product model reports and accepts."""
+
+    name: str
+    readings: Mapping[str, ReadingSpec]
+    commands: Mapping[str, CommandSpec]
+    description: str = ""
+
+
+THERMOSTAT = ModelSpec(
+    name="thermostat",
+    description="Room thermostat with a heater relay",
+    readings={
+        "temperature": ReadingSpec("number", "°C", -40.0, 85.0, description="room temperature"),
+        "humidity": ReadingSpec("number", "%", 0.0, 100.0, description="relative humidity"),
+        "heater": ReadingSpec("bool", description="heater relay on/off"),
+        "target": ReadingSpec("number", "°C", 5.0, 35.0, description="target temperature"),
+    },
+    commands={
+        "set_target": CommandSpec(
+            {"target": ReadingSpec("number", "°C", 5.0, 35.0)}, "set the target temperature"
+        ),
+    },
+)
+
+LOCK = ModelSpec(
+    name="lock",
+    description="Door lock with a door sensor",
+    readings={
+        "lock": ReadingSpec("enum", choices=("locked", "unlocked"), description="bolt state"),
+        "door": ReadingSpec("enum", choices=("open", "closed"), description="door sensor"),
+        "battery": ReadingSpec("number", "%", 0.0, 100.0, description="battery level"),
+    },
+    commands={
+        "lock": CommandSpec({}, "throw the bolt"),
+        "unlock": CommandSpec({}, "withdraw the bolt"),
+    },
+)
+
+MODELS: Mapping[str, ModelSpec] = {m.name: m for m in (THERMOSTAT, LOCK)}
+
+
+def validate_values(
+    values: Mapping[str, object], specs: Mapping[str, ReadingSpec], *, what: str = "reading"
+) -> None:
+    """Check names, types and physical ranges of readings or command parameters."""
+    if len(values) > MAX_READINGS:
+        raise ValidationError(Reason.TOO_MANY_READINGS, f"at most {MAX_READINGS} {what}s")
+    for name, value in values.items():
+        spec = specs.get(name)
+        if spec is None:
+            raise ValidationError(Reason.UNKNOWN_READING, f"unknown {what} {name!r}")
+        spec.check(name, value)
+
+
+# --- message schemas ----------------------------------------------------------------------
+Name = Annotated[str, Field(pattern=_NAME)]
+DeviceId = Annotated[str, Field(pattern=_DEVICE_ID)]
+Value = Annotated[
+    bool | float | Annotated[str, Field(max_length=32)], Field(union_mode="left_to_right")
+]
+Values = Annotated[dict[Name, Value], Field(max_length=MAX_READINGS)]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class Telemetry(_Message):
+    v: Literal[1] = 1
+    device_id: DeviceId
+    seq: Annotated[int, Field(ge=0, le=MAX_SEQ)]
+    ts: dt.datetime
+    readings: Values
+
+
+class Event(_Message):
+    v: Literal[1] = 1
+    device_id: DeviceId
+    seq: Annotated[int, Field(ge=0, le=MAX_SEQ)]
+    ts: dt.datetime
+    kind: Name
+    detail: Annotated[str, Field(max_length=256)] = ""
+
+
+class Command(_Message):
+    v: Literal[1] = 1
+    command_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+    device_id: DeviceId
+    name: Name
+    params: Values = Field(default_factory=dict)
+    issued_at: dt.datetime
+    expires_at: dt.datetime
+
+
+class CommandResult(_Message):
+    v: Literal[1] = 1
+    command_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+    device_id: DeviceId
+    seq: Annotated[int, Field(ge=0, le=MAX_SEQ)]
+    ts: dt.datetime
+    status: Literal["succeeded", "rejected", "failed"]
+    reason: Annotated[str, Field(max_length=64)] = ""
+    detail: Annotated[str, Field(max_length=256)] = ""
+    state: Values = Field(default_factory=dict)
+
+
+_M = TypeVar("_M", bound=_Message)
+
+
+def new_command_id() -> str:
+    return secrets.token_hex(16)
+
+
+def _decode(cls: type[_M], raw: bytes) -> _M:
+    if len(raw) > MAX_PAYLOAD_BYTES:
+        raise ValidationError(
+            Reason.PAYLOAD_TOO_LARGE, f"{len(raw)} bytes; the limit is {MAX_PAYLOAD_BYTES}"
+        )
+    try:
+        return cls.model_validate_json(raw)
+    except pydantic.ValidationError as e:
+        first = e.errors(include_url=False, include_input=False)[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "message"
+        kind = first["type"]
+        if kind == "json_invalid" or kind == "json_type":
+            raise ValidationError(Reason.MALFORMED_JSON, "payload is not valid JSON") from None
+        if kind == "extra_forbidden":
+            raise ValidationError(Reason.UNKNOWN_FIELD, f"unknown field {loc!r}") from None
+        if kind in ("too_long",) and loc in ("readings", "params", "state"):
+            raise ValidationError(
+                Reason.TOO_MANY_READINGS, f"at most {MAX_READINGS} entries in {loc}"
+            ) from None
+        raise ValidationError(Reason.INVALID_SCHEMA, f"{loc}: {first['msg']}") from None
+
+
+def _check_ts(ts: dt.datetime, now: dt.datetime | None) -> None:
+    if ts.tzinfo is None:
+        raise ValidationError(Reason.INVALID_SCHEMA, "timestamps must carry a UTC offset")
+    now = now or dt.datetime.now(dt.UTC)
+    if ts < EARLIEST_TIMESTAMP or ts > now + MAX_FUTURE_SKEW:
+        raise ValidationError(Reason.TIMESTAMP_OUT_OF_RANGE, "timestamp is implausible")
+
+
+def _check_device(device_id: str, topic_device_id: str) -> None:
+    if device_id != topic_device_id:
+        raise ValidationError(Reason.DEVICE_MISMATCH, "device_id does not match the topic")
+
+
+def parse_telemetry(
+    raw: bytes, *, topic_device_id: str, model: ModelSpec, now: dt.datetime | None = None
+) -> Telemetry:
+    msg = _decode(Telemetry, raw)
+    _check_device(msg.device_id, topic_device_id)
+    _check_ts(msg.ts, now)
+    validate_values(msg.readings, model.readings)
+    return msg
+
+
+def parse_event(raw: bytes, *, topic_device_id: str, now: dt.datetime | None = None) -> Event:
+    msg = _decode(Event, raw)
+    _check_device(msg.device_id, topic_device_id)
+    _check_ts(msg.ts, now)
+    return msg
+
+
+def parse_command_result(
+    raw: bytes, *, topic_device_id: str, model: ModelSpec, now: dt.datetime | None = None
+) -> CommandResult:
+    msg = _decode(CommandResult, raw)
+    _check_device(msg.device_id, topic_device_id)
+    _check_ts(msg.ts, now)
+    validate_values(msg.state, model.readings)
+    return msg
+
+
+def parse_command(
+    raw: bytes, *, device_id: str, model: ModelSpec, now: dt.datetime | None = None
+) -> Command:
+    """What a unit runs on every command it receives, before acting on it."""
+    msg = _decode(Command, raw)
+    _check_device(msg.device_id, device_id)
+    now = now or dt.datetime.now(dt.UTC)
+    if msg.expires_at.tzinfo is None or msg.issued_at.tzinfo is None:
+        raise ValidationError(Reason.INVALID_SCHEMA, "timestamps must carry a UTC offset")
+    if msg.expires_at <= now:
+        raise ValidationError(Reason.EXPIRED, "command has expired")
+    spec = model.commands.get(msg.name)
+    if spec is None:
+        raise ValidationError(Reason.UNKNOWN_COMMAND, f"{model.name} has no command {msg.name!r}")
+    validate_values(msg.params, spec.params, what="parameter")
+    missing = set(spec.params) - set(msg.params)
+    if missing:
+        raise ValidationError(Reason.INVALID_SCHEMA, f"missing parameter {sorted(missing)[0]!r}")
+    return msg
+
+
+def encode(msg: BaseModel) -> bytes:
+    """Canonical wire form of a message."""
+    return msg.model_dump_json().encode()
+
+
+def to_wire(obj: Mapping[str, Any]) -> bytes:
+    """Encode a plain mapping (used by tests and tools that craft raw payloads)."""
+    import json
+
+    return json.dumps(obj, separators=(",", ":")).encode()
