@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -408,6 +409,20 @@ class MakerPKI:
             ]
         return out
 
+    def issuer_of(self, cert: x509.Certificate) -> str:
+        """``"device-ca"`` or ``"service-ca"``: which of our CAs signed ``cert``.
+
+        Checks the signature, not just the issuer name (another maker's CA may share it).
+        Raises :class:`PKIError` for a certificate none of them signed.
+        """
+        for name, ca in (("device-ca", self.device_ca), ("service-ca", self.service_ca)):
+            try:
+                cert.verify_directly_issued_by(ca.cert)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            return name
+        raise PKIError("certificate was not issued by this PKI")
+
     def is_revoked(self, cert: x509.Certificate) -> bool:
         return any(
             e.serial == cert.serial_number for entries in self.revoked().values() for e in entries
@@ -415,12 +430,7 @@ class MakerPKI:
 
     def revoke(self, cert: x509.Certificate) -> RevokedEntry:
         """Record ``cert`` as revoked and rewrite the CRL file. Idempotent."""
-        if cert.issuer == self.device_ca.cert.subject:
-            ca_name = "device-ca"
-        elif cert.issuer == self.service_ca.cert.subject:
-            ca_name = "service-ca"
-        else:
-            raise PKIError("certificate was not issued by this PKI")
+        ca_name = self.issuer_of(cert)
         table = self.revoked()
         for entry in table[ca_name]:
             if entry.serial == cert.serial_number:
