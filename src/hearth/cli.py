@@ -8,13 +8,16 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from hearth.errors import HearthError, ValidationError
+
+if TYPE_CHECKING:
+    from hearth.service.config import Settings
 
 __all__ = ["app", "main"]
 
@@ -76,6 +79,149 @@ def factory_mint(
             progress=lambda n: bar.advance(task, n),
         )
     console.print(f"Minted {len(units)} {model} unit(s) into {out}; manifest: {out}/manifest.json")
+
+
+def _settings(data_dir: Path, **over: object) -> Settings:
+    from hearth.service.config import Settings
+
+    env = dict(os.environ)
+    env["HEARTH_DATA_DIR"] = str(data_dir)
+    for key, value in over.items():
+        if value is not None:
+            env[f"HEARTH_{key.upper()}"] = str(value)
+    return Settings.from_env(env)
+
+
+@fleet_app.command("import")
+def fleet_import(
+    directory: Annotated[Path, typer.Argument(help="Minted batch directory (or its manifest).")],
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Register a minted batch with the service (validates every unit's certificate).
+
+    Only certificates and hashes are read from the manifest. A running `hearth up`
+    picks the new units up within a few seconds.
+    """
+    from hearth.factory import load_manifest
+    from hearth.pki import MakerPKI
+    from hearth.service import db, fleet
+
+    settings = _settings(data_dir)
+    pki = MakerPKI.load(settings.pki_dir)
+    engine = db.make_engine(settings.database_url)
+    db.migrate(engine)
+    with db.session_factory(engine)() as session:
+        result = fleet.import_manifest(
+            session, load_manifest(directory), device_ca_cert=pki.device_ca.cert
+        )
+        session.commit()
+    engine.dispose()
+    console.print(f"Imported {result.imported} unit(s); {result.unchanged} already registered.")
+
+
+@fleet_app.command("list")
+def fleet_list(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
+    """List registered units (JSON lines: device id, model, status, last seen)."""
+    from hearth.service import db, fleet
+
+    settings = _settings(data_dir)
+    engine = db.make_engine(settings.database_url)
+    db.migrate(engine)
+    with db.session_factory(engine)() as session:
+        after = None
+        while page := fleet.list_units(session, limit=1000, after=after):
+            for u in page:
+                sys.stdout.write(json.dumps({
+                    "device_id": u.device_id, "model": u.model, "status": u.status,
+                    "last_seen_at": u.last_seen_at.isoformat() if u.last_seen_at else None,
+                }) + "\n")
+            after = page[-1].device_id
+    engine.dispose()
+
+
+@fleet_app.command("revoke")
+def fleet_revoke(
+    device_id: Annotated[str, typer.Argument(help="The unit to cut off.")],
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Revoke a unit: its certificate goes on the CRL and a running service cuts its
+    session within seconds (the API's POST /units/{id}/revoke does it at once)."""
+    from hearth.pki import MakerPKI, cert_from_pem
+    from hearth.service import db, fleet
+
+    settings = _settings(data_dir)
+    engine = db.make_engine(settings.database_url)
+    db.migrate(engine)
+    with db.session_factory(engine)() as session:
+        unit = fleet.get_unit(session, device_id)
+        MakerPKI.load(settings.pki_dir).revoke(cert_from_pem(unit.certificate_pem.encode()))
+        fleet.mark_revoked(session, device_id)
+        session.commit()
+    engine.dispose()
+    console.print(f"Revoked {device_id}.")
+
+
+@app.command("up")
+def up(
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    http_port: Annotated[int, typer.Option(help="HTTPS API port.")] = 8443,
+    mqtt_port: Annotated[int, typer.Option(help="MQTT (mutual TLS) port.")] = 8883,
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")]
+    = "127.0.0.1",
+    ingest_workers: Annotated[int, typer.Option(help="Ingest workers in this process.")] = 1,
+) -> None:
+    """Run the service: supervised Mosquitto, ingest and the HTTPS API. Ctrl-C stops it.
+
+    On the very first start an operator API token is printed once; only its hash is kept.
+    """
+    import signal
+
+    from hearth.service.runner import Stack
+
+    settings = _settings(data_dir, http_port=http_port, mqtt_port=mqtt_port,
+                         http_host=host, mqtt_host=host)
+    stack = Stack(settings, ingest_workers=ingest_workers)
+    stop = {"now": False}
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    with stack:
+        info = stack.start()
+        console.print(f"Hearth is up: API {info.api_url}/api/v1  MQTT mTLS "
+                      f"{info.mqtt_host}:{info.mqtt_port}  units: {info.units}  "
+                      f"data: {settings.data_dir}")
+        if info.operator_token:
+            console.print("Operator API token (shown once, store it now; only its hash is "
+                          "kept):")
+            sys.stdout.write(info.operator_token + "\n")
+            sys.stdout.flush()
+        console.print("Press Ctrl-C to stop.")
+        stack.wait(lambda: stop["now"])
+        console.print("Stopping...")
+    console.print("Stopped.")
+
+
+@device_app.command("run")
+def device_run(
+    directory: Annotated[Path, typer.Option("--dir", help="The unit's directory (its flash).")],
+    telemetry_interval: Annotated[float, typer.Option(help="Seconds between readings.")] = 5.0,
+    mqtt_host: Annotated[str | None, typer.Option(help="Override the broker host.")] = None,
+    mqtt_port: Annotated[int | None, typer.Option(help="Override the broker port.")] = None,
+    backoff_base: Annotated[float, typer.Option(help="Reconnect backoff base (s).")] = 1.0,
+    backoff_cap: Annotated[float, typer.Option(help="Reconnect backoff cap (s).")] = 60.0,
+) -> None:
+    """Run a unit: its app keeps working offline, telemetry is queued and sent in order."""
+    from hearth.device.agent import run_device
+
+    if not 0.05 <= telemetry_interval <= 86400:
+        raise ValidationError("out_of_range", "telemetry interval must be 0.05..86400 s")
+    rc = run_device(directory, telemetry_interval=telemetry_interval, mqtt_host=mqtt_host,
+                    mqtt_port=mqtt_port, backoff_base=backoff_base, backoff_cap=backoff_cap)
+    if rc:
+        raise typer.Exit(rc)
 
 
 def _fail(err: HearthError) -> int:
