@@ -224,6 +224,35 @@ def device_run(
         raise typer.Exit(rc)
 
 
+@app.command("demo")
+def demo(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    duration: Annotated[float, typer.Option(help="Seconds to run the fleet (about a minute)."
+                                            )] = 60.0,
+    data_dir: Annotated[Path | None, typer.Option(
+        "--data-dir", help="Keep everything here (default: a temporary directory, removed)."
+    )] = None,
+) -> None:
+    """Mint 5 thermostats and 1 lock, start the service and the units, send commands,
+    feed in bad messages, and show what was stored and what was rejected and why."""
+    from hearth.demo import print_summary, run_demo
+
+    if not 5 <= duration <= 3600:
+        raise ValidationError("out_of_range", "duration must be 5..3600 seconds")
+    say = (lambda text: console.print(text, highlight=False)) if not as_json else (
+        lambda text: None)
+    summary = run_demo(duration=duration, data_dir=data_dir, say=say)
+    if as_json:
+        _print_json(summary.to_json())
+    else:
+        def out(text: str) -> None:
+            sys.stdout.write(text + "\n")
+
+        print_summary(summary, out)
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
 def _fail(err: HearthError) -> int:
     if isinstance(err, ValidationError):
         console.print(f"[red]refused[/red] ({err.reason}): {err.detail}")
