@@ -1,0 +1,104 @@
+"""Storage: migrations, models/migrations agreement, time zones, SQLite settings."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from hearth.errors import ConfigError
+from hearth.service import db
+from hearth.service.models import ApiToken, all_metadata
+
+
+def test_upgrade_head_creates_every_table(engine: Engine) -> None:
+    tables = set(sa.inspect(engine).get_table_names())
+    assert set(all_metadata().tables) <= tables
+    assert "alembic_version" in tables
+    head = ScriptDirectory.from_config(db.alembic_config()).get_current_head()
+    with engine.connect() as conn:
+        assert MigrationContext.configure(conn).get_current_revision() == head
+
+
+def test_models_and_migrations_agree(engine: Engine) -> None:
+    """`alembic check`: autogenerate finds nothing to do after `upgrade head`."""
+    with engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+        diff = compare_metadata(ctx, all_metadata())
+    assert diff == []
+
+
+def test_migrate_is_idempotent(engine: Engine) -> None:
+    db.migrate(engine)
+    db.migrate(engine)
+
+
+def test_history_is_linear_from_the_initial_revision() -> None:
+    scripts = ScriptDirectory.from_config(db.alembic_config())
+    assert scripts.get_bases() == ["0001"]
+    assert len(scripts.get_heads()) == 1
+
+
+def test_times_round_trip_as_utc(sf: sessionmaker[Session]) -> None:
+    plus_two = dt.timezone(dt.timedelta(hours=2))
+    created = dt.datetime(2025, 6, 1, 14, 0, 0, 123456, tzinfo=plus_two)
+    with sf.begin() as s:
+        s.add(ApiToken(id="a" * 16, name="t", token_hash="0" * 64, permissions=["fleet:read"],
+                       created_at=created, revoked_at=None))
+    with sf() as s:
+        row = s.get(ApiToken, "a" * 16)
+        assert row is not None
+        assert row.created_at == created
+        assert row.created_at.tzinfo == dt.UTC
+        assert row.created_at.hour == 12
+
+
+def test_naive_datetime_is_refused(sf: sessionmaker[Session]) -> None:
+    with pytest.raises(sa.exc.StatementError), sf.begin() as s:
+        s.add(ApiToken(id="b" * 16, name="t", token_hash="0" * 64, permissions=[],
+                       created_at=dt.datetime(2025, 1, 1), revoked_at=None))
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_sqlite_runs_in_wal_mode_with_busy_timeout(engine: Engine) -> None:
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == db.SQLITE_BUSY_TIMEOUT_MS
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_sqlite_write_transactions_begin_immediate(sf: sessionmaker[Session]) -> None:
+    """A write transaction holds the write lock from its first statement: a second writer
+    waits for it instead of failing with SQLITE_BUSY after reading a stale snapshot."""
+    with sf() as first, first.begin():
+        db.begin_write(first)
+        first.execute(sa.text("SELECT 1"))
+        other = sf.kw["bind"].connect()
+        try:
+            other.exec_driver_sql("PRAGMA busy_timeout=0")
+            with pytest.raises(sa.exc.OperationalError, match="locked"):
+                other.exec_driver_sql("BEGIN IMMEDIATE")
+        finally:
+            other.close()
+
+
+def test_make_engine_refuses_unsupported_urls(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        db.make_engine("mysql://localhost/x")
+    with pytest.raises(ConfigError):
+        db.make_engine("sqlite://")
+    with pytest.raises(ConfigError):
+        db.make_engine("not a url")
+
+
+def test_migrate_reports_unreachable_database() -> None:
+    with pytest.raises(ConfigError, match="migration failed"):
+        db.migrate("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=1")
