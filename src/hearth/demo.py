@@ -25,6 +25,7 @@ import datetime as dt
 import json
 import shutil
 import socket
+import ssl
 import tempfile
 import time
 from collections.abc import Callable
@@ -185,7 +186,8 @@ def run_demo(
 
         api = httpx.Client(base_url=info.api_url + "/api/v1",
                            headers={"Authorization": f"Bearer {token}"},
-                           verify=str(settings.pki_dir / "root" / "ca.pem"), timeout=10)
+                           verify=ssl.create_default_context(
+                               cafile=str(settings.pki_dir / "root" / "ca.pem")), timeout=10)
         with api:
             def stored(device_id: str) -> int:
                 r = api.get(f"/units/{device_id}/telemetry", params={"limit": 1})

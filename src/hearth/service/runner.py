@@ -7,7 +7,9 @@ One :class:`Stack` runs, in one process:
   (:class:`hearth.service.broker.Broker`) configured from the fleet registry;
 * ``ingest_workers`` ingest workers on the broker's shared subscription;
 * the command publisher (``hearth-control`` identity);
-* the HTTPS API (uvicorn, TLS 1.2+, its own certificate from the service CA);
+* the HTTPS API (uvicorn, TLS 1.2+, its own certificate from the service CA) and, on the
+  same listener, the public web app (vulnerability disclosure policy and intake,
+  security.txt, advisories in CSAF 2.0, product pages);
 * a reconciler that keeps the broker in step with the registry every few seconds: units
   imported with ``hearth fleet import`` while the service runs become able to connect,
   units revoked from the CLI lose their session, expired commands are marked so.
@@ -20,6 +22,7 @@ everything: API first, then ingest (flushing what it holds), then the broker.
 from __future__ import annotations
 
 import logging
+import secrets
 import socket
 import ssl
 import threading
@@ -31,6 +34,7 @@ from pathlib import Path
 import uvicorn
 from cryptography import x509
 from sqlalchemy.orm import Session
+from starlette.types import ASGIApp
 
 from hearth._fsutil import atomic_write, write_secret
 from hearth.errors import HearthError
@@ -40,8 +44,10 @@ from hearth.service.api import create_app
 from hearth.service.broker import Broker, BrokerUnit
 from hearth.service.commands import CommandService, MqttCommandPublisher
 from hearth.service.config import Settings
+from hearth.service.disclosure import DisclosureConfig, DisclosureService, create_router
 from hearth.service.ingest import IngestCore, IngestWorker
 from hearth.service.models import Unit, UnitStatus
+from hearth.service.web import SecretPathFilter, compose, create_web_app
 
 __all__ = ["Stack", "StartInfo"]
 
@@ -201,12 +207,37 @@ class Stack:
         atomic_write(cert_path, cert_to_pem(cert) + cert_to_pem(self.pki.service_ca.cert))
         return cert_path, key_path
 
+    def _secret_key(self) -> str:
+        """The web app's signing key: ``HEARTH_SECRET_KEY`` or a random one kept (0600)
+        in the data directory - outside the database, stable across restarts."""
+        if self.settings.extra.get("HEARTH_SECRET_KEY"):
+            return self.settings.extra["HEARTH_SECRET_KEY"]
+        path = self.settings.data_dir / "secrets" / "web-signing.key"
+        if not path.exists():
+            write_secret(path, secrets.token_hex(32).encode())
+        return path.read_text().strip()
+
+    def _web_app(self) -> ASGIApp:
+        """The public web app (disclosure policy, report intake, advisories, products)."""
+        env = dict(self.settings.extra)
+        host = self.settings.http_host
+        public_host = "localhost" if host in ("127.0.0.1", "::1") else _url_host(host)
+        base = env.get("HEARTH_BASE_URL") or f"https://{public_host}:{self.settings.http_port}"
+        env.setdefault("HEARTH_BASE_URL", base)
+        env.setdefault("HEARTH_DISCLOSURE_ORGANISATION", "Hearth Maker")
+        env.setdefault("HEARTH_DISCLOSURE_CONTACTS", f"{base}/security/report")
+        env["HEARTH_SECRET_KEY"] = self._secret_key()
+        disclosure = DisclosureService(DisclosureConfig.from_env(env), self.session_factory)
+        logging.getLogger("uvicorn.access").addFilter(SecretPathFilter())
+        return create_web_app(create_router(disclosure))
+
     def _start_api(self) -> None:
         assert self.broker is not None and self.publisher is not None
-        app = create_app(
+        api = create_app(
             self.settings, session_factory=self.session_factory,
             command_publisher=self.publisher, revoker=_Revoker(self.broker),
         )
+        app = compose(api, self._web_app())
         cert_path, key_path = self._http_cert()
         config = uvicorn.Config(
             app, host=self.settings.http_host, port=self.settings.http_port,
