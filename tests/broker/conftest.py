@@ -79,6 +79,12 @@ class Peer:
 
     ``connect()`` returns whether the broker accepted the connection; a refusal in the
     TLS handshake, a failed CONNACK or a connection dropped before CONNACK is ``False``.
+
+    Not thread-safe against inbound traffic: a packet sent from the test thread
+    (``subscribe``, ``publish``) is written at once, concurrently with the loop thread's
+    PUBACKs for arriving messages, and Mosquitto may read interleaved bytes ("Protocol
+    error"). Send from ``on_connect`` when messages may be streaming in (a resumed
+    session with a queue).
     """
 
     def __init__(self, identity: MqttIdentity, *, client_id: str | None = None,
@@ -201,11 +207,11 @@ class World:
     tmp: Path
 
 
-def start_world(tmp: Path, count: int) -> World:
+def start_world(tmp: Path, count: int, **broker_kwargs: Any) -> World:
     pki = MakerPKI.create(tmp / "pki")
     units = mint_units(pki, tmp / "units", count)
     broker = Broker(tmp / "broker", pki, port=free_port(),
-                    units=units_from_manifest(load_manifest(tmp / "units")))
+                    units=units_from_manifest(load_manifest(tmp / "units")), **broker_kwargs)
     broker.start()
     return World(pki, broker, units, tmp)
 
@@ -219,10 +225,30 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     world.broker.stop()
 
 
+INGEST_SESSIONS = ("hearth-ingest-0", "hearth-ingest-1")
+
+
+@pytest.fixture(params=[(), INGEST_SESSIONS], ids=["plain", "ingest-sessions"])
+def own(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[World]:
+    """A broker of the test's own, with three units (for restarts, kills and stops);
+    once without and once with ingest sessions to restore at every (re)start."""
+    world = start_world(tmp_path, 3, ingest_sessions=request.param)
+    yield world
+    world.broker.stop()
+
+
 @pytest.fixture
-def own(tmp_path: Path) -> Iterator[World]:
-    """A broker of the test's own, with three units (for restarts, kills and stops)."""
+def own_plain(tmp_path: Path) -> Iterator[World]:
+    """A broker of the test's own without ingest sessions (the behaviour before them)."""
     world = start_world(tmp_path, 3)
+    yield world
+    world.broker.stop()
+
+
+@pytest.fixture
+def held(tmp_path: Path) -> Iterator[World]:
+    """A broker of the test's own with three units and two ingest sessions to restore."""
+    world = start_world(tmp_path, 3, ingest_sessions=INGEST_SESSIONS)
     yield world
     world.broker.stop()
 

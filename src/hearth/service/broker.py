@@ -29,10 +29,16 @@ Security reasoning (see ``docs/adr/0001-broker-identity-binding.md``):
 * The service identities are as narrow: ``hearth-admin`` only speaks the plugin's
   ``$CONTROL`` API, ``hearth-ingest`` only takes the units' uplink topics through the
   shared subscription ``$share/hearth-ingest/...``, ``hearth-control`` only publishes
-  commands.
+  commands, ``hearth-updates`` only takes update checks (``$share/hearth-updates/...``) and
+  publishes update offers. A unit may also publish its own ``update/check`` and receive its
+  own ``update/offer`` (the signed-updates token channel, ``hearth.service.updates``).
 * Revocation (:meth:`Broker.revoke`) rewrites the CRL and reloads it (blocks new
   connections) *and* disables the unit in the plugin, which cuts a live session at once.
   A reloaded CRL alone leaves an established session running.
+* Restarts lose nothing a unit was PUBACKed for: Mosquitto 2.0.11 does not restore shared
+  subscriptions from its persistence file, so with ``ingest_sessions`` every spawn holds
+  the units back (``crl.pem`` without the device CA's CRL), re-subscribes each ingest
+  session, and only then installs the full CRL (:class:`Broker`).
 
 Example::
 
@@ -69,6 +75,9 @@ from typing import Any
 
 import paho.mqtt.client as paho
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from hearth._fsutil import atomic_write, write_secret
@@ -84,14 +93,17 @@ from hearth.pki import (
     key_to_pem,
 )
 from hearth.protocol import MAX_PAYLOAD_BYTES, TOPIC_PREFIX
-from hearth.service.mqtt import MqttIdentity, make_client
+from hearth.service.mqtt import DEFAULT_KEEPALIVE, MqttIdentity, make_client
 
 __all__ = [
     "ADMIN",
     "CONTROL",
     "INGEST",
+    "INGEST_SESSION_EXPIRY",
     "INGEST_SHARE_GROUP",
+    "INGEST_SUBSCRIPTIONS",
     "SERVICE_IDENTITIES",
+    "UPDATES",
     "Broker",
     "BrokerLimits",
     "BrokerUnit",
@@ -108,11 +120,22 @@ INGEST = "hearth-ingest"
 """Service identity that may only take unit uplink messages via the shared subscription."""
 CONTROL = "hearth-control"
 """Service identity that may only publish commands to units."""
-SERVICE_IDENTITIES = (ADMIN, INGEST, CONTROL)
+UPDATES = "hearth-updates"
+"""Service identity that may only take units' update checks (shared subscription
+``$share/hearth-updates/.../update/check``) and publish to their ``update/offer`` topics."""
+SERVICE_IDENTITIES = (ADMIN, INGEST, CONTROL, UPDATES)
 INGEST_SHARE_GROUP = "hearth-ingest"
 """Ingest workers subscribe to ``$share/hearth-ingest/hearth/v1/d/+/<kind>``."""
 
 UNIT_UPLINK_KINDS = ("telemetry", "event", "cmd/result")
+INGEST_SUBSCRIPTIONS = tuple(
+    f"$share/{INGEST_SHARE_GROUP}/{TOPIC_PREFIX}/+/{kind}" for kind in UNIT_UPLINK_KINDS
+)
+"""The shared subscriptions of the ingest workers: exactly what the ingest role may use
+(``hearth.service.ingest.SUBSCRIPTIONS`` spells out the same three filters)."""
+INGEST_SESSION_EXPIRY = 3600
+"""Session expiry (s) of the persistent ingest sessions the broker restores at every
+start; the same as :class:`hearth.service.ingest.IngestWorker`'s default."""
 DYNSEC_TOPIC = "$CONTROL/dynamic-security/v1"
 DYNSEC_RESPONSE_TOPIC = DYNSEC_TOPIC + "/response"
 
@@ -130,6 +153,8 @@ STABLE_AFTER = 30.0
 """A Mosquitto that ran this many seconds before dying restarts with the shortest backoff."""
 
 _PLUGIN_NAME = "mosquitto_dynamic_security.so"
+_INGEST_SESSION_RE = re.compile(r"hearth-ingest-[0-9a-z-]{1,32}")
+_RESTORE_ATTEMPTS = 3
 _HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                           r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 _WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104 - mapped, not bound
@@ -316,7 +341,6 @@ def _client(username: str, password_hash: Mapping[str, Any], role: str, *,
 
 
 def _service_roles() -> list[dict[str, Any]]:
-    share = f"$share/{INGEST_SHARE_GROUP}"
     return [
         {
             "rolename": ADMIN,
@@ -331,8 +355,7 @@ def _service_roles() -> list[dict[str, Any]]:
             # (measured on 2.0.11), and delivery against the plain topic.
             "rolename": INGEST,
             "acls": [
-                *(_acl("subscribePattern", f"{share}/{TOPIC_PREFIX}/+/{kind}")
-                  for kind in UNIT_UPLINK_KINDS),
+                *(_acl("subscribePattern", topic) for topic in INGEST_SUBSCRIPTIONS),
                 *(_acl("publishClientReceive", f"{TOPIC_PREFIX}/+/{kind}")
                   for kind in UNIT_UPLINK_KINDS),
             ],
@@ -340,6 +363,16 @@ def _service_roles() -> list[dict[str, Any]]:
         {
             "rolename": CONTROL,
             "acls": [_acl("publishClientSend", f"{TOPIC_PREFIX}/+/cmd")],
+        },
+        {
+            # Signed updates: the update channel, and nothing else (see
+            # hearth.service.updates.responder).
+            "rolename": UPDATES,
+            "acls": [
+                _acl("subscribePattern", f"$share/{UPDATES}/{TOPIC_PREFIX}/+/update/check"),
+                _acl("publishClientReceive", f"{TOPIC_PREFIX}/+/update/check"),
+                _acl("publishClientSend", f"{TOPIC_PREFIX}/+/update/offer"),
+            ],
         },
     ]
 
@@ -366,6 +399,10 @@ def _dynsec_document(
                 *(_acl("publishClientSend", f"{base}/{kind}") for kind in UNIT_UPLINK_KINDS),
                 _acl("subscribePattern", f"{base}/cmd"),
                 _acl("publishClientReceive", f"{base}/cmd"),
+                # the update channel: its own request out, its own offers in
+                _acl("publishClientSend", f"{base}/update/check"),
+                _acl("subscribePattern", f"{base}/update/offer"),
+                _acl("publishClientReceive", f"{base}/update/offer"),
             ],
         })
         clients.append(_client(uid, unit.password_hash, _unit_role(uid), clientid=uid,
@@ -385,25 +422,46 @@ def _dynsec_document(
 
 # --- a short synchronous MQTT session (probe and $CONTROL) -----------------------------
 class _Session:
-    """One short-lived connection driven synchronously with ``loop()``; no threads."""
+    """One short-lived connection driven synchronously with ``loop()``; no threads.
 
-    def __init__(self, identity: MqttIdentity, *, timeout: float) -> None:
+    By default a throw-away clean session with a random client id. With ``client_id`` and
+    ``session_expiry`` it resumes (or creates) that persistent session *without taking
+    anything from it*: messages the broker queued for the session are never acknowledged
+    (manual acknowledgement, Receive Maximum 1), so after a clean disconnect the broker
+    still holds them for whoever resumes the session next.
+    """
+
+    def __init__(self, identity: MqttIdentity, *, timeout: float, client_id: str | None = None,
+                 session_expiry: int = 0) -> None:
         self.deadline = time.monotonic() + timeout
         self.client = make_client(
-            identity, client_id=f"{identity.username}-{secrets.token_hex(6)}",
+            identity, client_id=client_id or f"{identity.username}-{secrets.token_hex(6)}",
             connect_timeout=max(0.1, min(2.0, timeout)),
         )
+        if session_expiry:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = session_expiry
+            props.ReceiveMaximum = 1
+            self.client.manual_ack_set(True)
+            self.client.connect_async(identity.host, identity.port, keepalive=DEFAULT_KEEPALIVE,
+                                      clean_start=False, properties=props)
         self.connack: ReasonCode | None = None
+        self.session_present = False
         self.gone = False
         self.subacks: dict[int, list[ReasonCode]] = {}
         self.acked: dict[int, ReasonCode] = {}
         self.messages: list[paho.MQTTMessage] = []
         c = self.client
-        c.on_connect = lambda _c, _u, _f, rc, _p: setattr(self, "connack", rc)
+        c.on_connect = self._on_connect
         c.on_disconnect = lambda _c, _u, _f, _rc, _p: setattr(self, "gone", True)
         c.on_subscribe = lambda _c, _u, mid, rcs, _p: self.subacks.__setitem__(mid, rcs)
         c.on_publish = lambda _c, _u, mid, rc, _p: self.acked.__setitem__(mid, rc)
         c.on_message = lambda _c, _u, msg: self.messages.append(msg)
+
+    def _on_connect(self, _c: paho.Client, _u: object, flags: paho.ConnectFlags,
+                    rc: ReasonCode, _p: Properties | None) -> None:
+        self.session_present = bool(flags.session_present)
+        self.connack = rc
 
     def pump(self, done: Callable[[], bool], what: str) -> None:
         while not done():
@@ -425,13 +483,19 @@ class _Session:
         if self.connack.is_failure:
             raise BrokerError(f"the broker refused the connection: {self.connack}")
 
-    def subscribe(self, topic: str) -> None:
-        rc, mid = self.client.subscribe(topic, qos=1)
+    def subscribe(self, *topics: str) -> None:
+        """Subscribe to ``topics`` at QoS 1 in one SUBSCRIBE; wait for the SUBACK.
+
+        Raises:
+            BrokerError: a filter was refused or granted another QoS than 1.
+        """
+        rc, mid = self.client.subscribe([(topic, 1) for topic in topics])
         if rc != paho.MQTT_ERR_SUCCESS or mid is None:
-            raise BrokerError(f"cannot send SUBSCRIBE for {topic} ({rc.name})")
-        self.pump(lambda: mid in self.subacks, f"SUBACK for {topic}")
-        if any(rc.is_failure for rc in self.subacks[mid]):
-            raise BrokerError(f"subscription to {topic} refused: {self.subacks[mid]}")
+            raise BrokerError(f"cannot send SUBSCRIBE for {topics} ({rc.name})")
+        self.pump(lambda: mid in self.subacks, f"SUBACK for {topics}")
+        granted = self.subacks[mid]
+        if len(granted) != len(topics) or any(r.is_failure or r.value != 1 for r in granted):
+            raise BrokerError(f"subscription to {topics} not granted at QoS 1: {granted}")
 
     def publish(self, topic: str, payload: bytes) -> None:
         info = self.client.publish(topic, payload, qos=1)
@@ -440,9 +504,13 @@ class _Session:
             raise BrokerError(f"publish to {topic} refused: {self.acked[info.mid]}")
 
     def close(self) -> None:
+        """Send DISCONNECT (normal disconnection: a persistent session is kept) and close."""
         with contextlib.suppress(Exception):
-            self.client.disconnect()
-            self.client.loop(timeout=0.01)
+            if self.client.disconnect() == paho.MQTT_ERR_SUCCESS:
+                end = time.monotonic() + 1.0
+                while not self.gone and time.monotonic() < end:
+                    if self.client.loop(timeout=0.01) != paho.MQTT_ERR_SUCCESS:
+                        break
         with contextlib.suppress(Exception):
             sock = self.client.socket()
             if sock is not None:
@@ -457,9 +525,20 @@ class Broker:
     and :meth:`stop`. Thread-safe: one lock serialises start, stop, restarts and control
     operations.
 
+    ``ingest_sessions`` are the client ids of the ingest workers' persistent sessions
+    (``hearth-ingest-0`` ...). Mosquitto 2.0.11 restores persistent sessions and their
+    plain subscriptions after a restart but *not* their shared subscriptions, so a unit
+    that published before its ingest worker had resubscribed would get a PUBACK for a
+    message nobody receives. Whenever Mosquitto is (re)spawned the broker therefore holds
+    every unit back (the device CA's CRL is left out of ``crl.pem``: every device
+    certificate fails the handshake), resumes each ingest session as ``hearth-ingest``
+    and subscribes it to :data:`INGEST_SUBSCRIPTIONS`, disconnects (the session and what
+    is queued for it stay), and only then installs the full CRL and reloads it. The real
+    worker resumes the session whenever it reconnects. See ADR 0001.
+
     Raises:
-        ConfigError: ``host``, ``port``, ``directory`` or a unit is invalid, or a device
-            id appears twice.
+        ConfigError: ``host``, ``port``, ``directory``, a unit or an ingest session id is
+            invalid, or a device id or session id appears twice.
     """
 
     def __init__(
@@ -472,6 +551,7 @@ class Broker:
         units: Iterable[BrokerUnit] = (),
         server_names: Iterable[str] = (),
         limits: BrokerLimits | None = None,
+        ingest_sessions: Iterable[str] = (),
     ) -> None:
         directory = Path(directory).absolute()
         if any(ch in str(directory) for ch in "\n\r\t\"'"):
@@ -485,6 +565,7 @@ class Broker:
         self._server_names = [_check_host(n) for n in server_names]
         self._limits = limits or BrokerLimits()
         self._units = self._index(units)
+        self._ingest_sessions = self._check_sessions(ingest_sessions)
         self._lock = threading.RLock()
         self._stopping = threading.Event()
         self._proc: subprocess.Popen[bytes] | None = None
@@ -506,7 +587,26 @@ class Broker:
             out[unit.device_id] = unit
         return out
 
+    @staticmethod
+    def _check_sessions(sessions: Iterable[str]) -> tuple[str, ...]:
+        if isinstance(sessions, str):
+            raise ConfigError("ingest_sessions must be a list of client ids, not one string")
+        out: list[str] = []
+        for sid in sessions:
+            if not isinstance(sid, str) or not _INGEST_SESSION_RE.fullmatch(sid):
+                raise ConfigError(
+                    f"ingest session id {sid!r} must match {_INGEST_SESSION_RE.pattern}")
+            if sid in out:
+                raise ConfigError(f"ingest session {sid} appears twice")
+            out.append(sid)
+        return tuple(out)
+
     # -- properties -------------------------------------------------------------------------
+    @property
+    def ingest_sessions(self) -> tuple[str, ...]:
+        """Client ids of the ingest sessions restored before units may connect."""
+        return self._ingest_sessions
+
     @property
     def directory(self) -> Path:
         return self._dir
@@ -561,7 +661,8 @@ class Broker:
     def start(self) -> None:
         """Write the configuration, start Mosquitto and wait until it serves mTLS.
 
-        Returns once ``hearth-admin`` completed a verified mTLS + password connection.
+        Returns once ``hearth-admin`` completed a verified mTLS + password connection,
+        the ingest sessions are restored and units may connect.
 
         Raises:
             BrokerError: Mosquitto is missing, already running under this object, exits
@@ -600,7 +701,8 @@ class Broker:
     def restart(self) -> None:
         """Regenerate the configuration and restart Mosquitto now (not counted in
         :attr:`restarts`). Connected clients are disconnected and reconnect; persistent
-        sessions and queued QoS 1 messages survive.
+        sessions and queued QoS 1 messages survive, and units are held back until the
+        ingest sessions are restored (as at :meth:`start`).
 
         Raises:
             BrokerError: the broker is not running, or did not come back.
@@ -820,7 +922,8 @@ class Broker:
         hashes = {name: self._ensure_identity(name) for name in SERVICE_IDENTITIES}
         if self._crl_due(self._dir / "crl.pem"):
             self._pki.write_crl()
-        self._install_crl()
+        # Units are held back (no device-CA CRL) until the ingest sessions are restored.
+        self._install_crl(hold=bool(self._ingest_sessions))
         document = _dynsec_document(self._units.values(), hashes)
         atomic_write(self._dir / "dynamic-security.json",
                      json.dumps(document, separators=(",", ":")).encode(), mode=0o600)
@@ -888,11 +991,29 @@ class Broker:
             c.next_update_utc is None or c.next_update_utc < soon for c in crls
         )
 
-    def _install_crl(self) -> None:
+    def _install_crl(self, *, hold: bool = False) -> None:
+        """Copy the PKI's CRLs to ``crl.pem``; with ``hold``, only the service CA's.
+
+        Mosquitto checks every client certificate against a CRL of its issuer
+        (``crlfile``); without one for the device CA every device certificate fails the
+        handshake ("unable to get certificate CRL") while the service identities, whose
+        CA's CRL is there, get in. That holds all units back in O(1), however large the
+        fleet, and a SIGHUP with the full file lets them in (measured on 2.0.11: the reload
+        replaces the CRL store, it does not add to it).
+        """
         source = self._pki.crl_path()
         if self._crl_due(source):
             self._pki.write_crl()
-        atomic_write(self._dir / "crl.pem", source.read_bytes())
+        data = source.read_bytes()
+        if hold:
+            service = self._pki.service_ca.cert
+            kept = [crl for crl in _load_crls(data)
+                    if crl.issuer == service.subject
+                    and crl.is_signature_valid(service.public_key())]  # type: ignore[arg-type]
+            if len(kept) != 1:
+                raise PKIError(f"{source} does not hold exactly one CRL of the service CA")
+            data = kept[0].public_bytes(serialization.Encoding.PEM)
+        atomic_write(self._dir / "crl.pem", data)
 
     def _config(self) -> str:
         d, lim = self._dir, self._limits
@@ -962,9 +1083,77 @@ class Broker:
         self._started_at = time.monotonic()
         try:
             self._wait_ready(proc)
+            if self._ingest_sessions:
+                self._restore_ingest_sessions()
+                self._release_units()
         except BaseException:
+            # Also when the restore failed: a broker that holds units back forever must
+            # not look healthy; the supervisor restarts it with backoff.
             self._terminate(proc)
             raise
+
+    def _restore_ingest_sessions(self) -> None:
+        """Resume every ingest session and subscribe it to the shared ingest filters.
+
+        Mosquitto 2.0.11 does not restore shared subscriptions from its persistence file
+        (measured), so without this, units would get PUBACKs for messages that no
+        subscription takes until each worker has reconnected and resubscribed. The
+        session is resumed with ``clean_start=False`` and the workers' session expiry,
+        nothing queued for it is acknowledged (:class:`_Session`), and it is left with a
+        normal DISCONNECT: the session, its subscriptions and its queue persist, and the
+        worker resumes it when it reconnects. A worker that takes the session over in
+        the meantime (it connects with the same client id) cuts this connection; then
+        the restore is retried.
+
+        Raises:
+            BrokerError: a session could not be restored in ``_RESTORE_ATTEMPTS`` tries.
+        """
+        identity = self.identity(INGEST)
+        for client_id in self._ingest_sessions:
+            for attempt in range(1, _RESTORE_ATTEMPTS + 1):
+                session = _Session(identity, timeout=self._limits.control_timeout,
+                                   client_id=client_id, session_expiry=INGEST_SESSION_EXPIRY)
+                try:
+                    session.connect()
+                    session.subscribe(*INGEST_SUBSCRIPTIONS)
+                except BrokerError as e:
+                    if attempt == _RESTORE_ATTEMPTS:
+                        raise BrokerError(
+                            f"could not restore ingest session {client_id}: {e}"
+                        ) from e
+                    log.warning("restoring ingest session %s failed (%s); retrying",
+                                client_id, e)
+                    continue
+                finally:
+                    session.close()
+                log.info("restored ingest session %s (%s)", client_id,
+                         "resumed" if session.session_present else "new")
+                break
+
+    def _release_units(self) -> None:
+        """Let units in: install the full CRL, reload it, and wait until it is loaded.
+
+        Mosquitto only sets a flag in its SIGHUP handler and reloads at the end of the
+        main-loop iteration that saw it. The signal is pending before ``kill`` returns,
+        so it is handled before Mosquitto reads anything we send afterwards: the
+        iteration that reads our CONNECT reloads at its end, and our second request
+        (the SUBSCRIBE, sent after the CONNACK) is read in a later iteration. Its SUBACK
+        therefore means the full CRL is in force.
+
+        Raises:
+            BrokerError: Mosquitto is gone or did not answer.
+            PKIError: the CRL cannot be read or re-signed.
+        """
+        self._install_crl()
+        self._reload()
+        session = _Session(self.identity(ADMIN), timeout=self._limits.control_timeout)
+        try:
+            session.connect()
+            session.subscribe(DYNSEC_RESPONSE_TOPIC)
+        finally:
+            session.close()
+        log.info("units may connect (%d ingest session(s) restored)",
+                 len(self._ingest_sessions))
 
     def _wait_ready(self, proc: subprocess.Popen[bytes]) -> None:
         deadline = self._started_at + self._limits.start_timeout
