@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 
 PUBLIC = {
-    "hearth.updates": {"UpdateError", "UpdateReason"},
+    "hearth.updates": {"UpdateError", "UpdateReason", "bootstrap"},
+    "hearth.updates.quickstart": {"FACTORY_VERSION", "bootstrap", "open_repository",
+                                  "repository_paths"},
+    "hearth.updates.reference": {"ENTRY_FUNCTION", "ENTRY_MODULE", "build_reference_bundle",
+                                 "write_reference_app"},
+    "hearth.device.appload": {"ENTRY_FUNCTION", "ENTRY_MODULE", "LoadedApp", "load_app"},
+    "hearth.device.runtime": {"DEFAULT_ALERT_INTERVAL", "DEFAULT_CHECK_INTERVAL",
+                              "DEFAULT_HEALTH_TIMEOUT", "RUNTIME_COMMANDS", "AppHost",
+                              "UnitRuntime", "run_unit"},
     "hearth.updates.errors": {"UpdateError", "UpdateReason"},
     "hearth.updates.bundle": {
         "BUNDLE_FORMAT", "DEFAULT_LIMITS", "BundleLimits", "Delivery", "FileEntry",
@@ -42,11 +50,13 @@ def test_public_api_is_pinned(name: str) -> None:
 
 
 def test_the_unit_never_loads_the_repository_or_its_keys() -> None:
-    code = ("import sys, json, hearth.device.updater, hearth.device.slots; "
+    code = ("import sys, json, hearth.device.updater, hearth.device.slots, "
+            "hearth.device.runtime; "
             "print(json.dumps(sorted(m for m in sys.modules if m.startswith('hearth'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])
     loaded = set(json.loads(out.stdout))
     assert "hearth.updates.repository" not in loaded
+    assert "hearth.updates.quickstart" not in loaded
     assert "hearth.updates.keys" not in loaded
     assert "hearth.service" not in loaded

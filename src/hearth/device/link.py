@@ -31,6 +31,12 @@ Delivery
     ``on_command`` returns, so a command whose result is durably queued is acknowledged and
     one interrupted by a crash is redelivered. The broker is also told not to send packets
     larger than the protocol limit (MQTT v5 Maximum Packet Size).
+
+Request/response channels
+    :meth:`Link.add_subscription` adds one more of the unit's own topics (the update offer
+    topic) with its handler, and :meth:`Link.send_now` publishes an ephemeral message
+    (the update check) on the next loop turn without going through the outbox: such a
+    request is only worth sending while connected, and is simply asked again if lost.
 """
 
 from __future__ import annotations
@@ -194,6 +200,8 @@ class Link:
         self.session_expiry = session_expiry
         self.poll_interval = poll_interval
         self._cmd_topic = command_topic(device_id)
+        self._extra: dict[str, Callable[[bytes], None]] = {}
+        self._direct: deque[tuple[str, bytes]] = deque(maxlen=16)
 
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -237,6 +245,23 @@ class Link:
     def notify(self) -> None:
         """Tell the link there is something new to publish."""
         self._wake.set()
+
+    def add_subscription(self, topic: str, handler: Callable[[bytes], None]) -> None:
+        """Also subscribe to ``topic`` (one of the unit's own; the broker's ACL decides) and
+        pass its messages to ``handler`` on the link thread. Call before :meth:`start`."""
+        if topic == self._cmd_topic or not topic.startswith(self._cmd_topic.rsplit("/", 1)[0]):
+            raise ValueError("only another topic of this unit can be added")
+        self._extra[topic] = handler
+
+    def send_now(self, topic: str, payload: bytes) -> bool:
+        """Publish ``payload`` on ``topic`` (QoS 1, not persisted) on the next loop turn.
+
+        Returns ``False`` (nothing queued) when not connected. At most 16 wait at a time."""
+        if not self.connected or len(payload) > MAX_PAYLOAD_BYTES:
+            return False
+        self._direct.append((topic, payload))
+        self._wake.set()
+        return True
 
     @property
     def connected(self) -> bool:
@@ -349,6 +374,12 @@ class Link:
         self._flush_acks()
 
     def _pump(self, client: mqtt.Client) -> None:
+        while self._direct:
+            topic, payload = self._direct.popleft()
+            try:
+                client.publish(topic, payload, qos=1)  # its PUBACK is not tracked
+            except ValueError:
+                _log.error("dropping an unpublishable request")
         room = self._window - len(self._inflight)
         if room <= 0 or not self._wake.is_set():
             return
@@ -394,7 +425,7 @@ class Link:
         receive_max = getattr(properties, "ReceiveMaximum", None) if properties else None
         if isinstance(receive_max, int) and receive_max > 0:
             self._window = min(self.max_inflight, receive_max)
-        client.subscribe(self._cmd_topic, qos=1)
+        client.subscribe([(self._cmd_topic, 1), *((t, 1) for t in self._extra)])
         self.connects += 1
         self._connected.set()
         _log.info("connected to %s:%d as %s", self.host, self.port, self.device_id)
@@ -443,6 +474,13 @@ class Link:
             topic = msg.topic
         except UnicodeDecodeError:
             topic = ""
+        extra = self._extra.get(topic)
+        if extra is not None:
+            try:
+                extra(bytes(msg.payload))
+            except Exception:  # noqa: BLE001 - a bad message must never take the link down
+                _log.exception("handler for %s failed", topic)
+            return
         if topic != self._cmd_topic:
             _log.warning("ignoring a message on an unexpected topic")
             return

@@ -541,6 +541,25 @@ class SlotManager:
         problems = _check_files(self.app_dir(slot), manifest)
         return SlotCheck(slot, not problems, manifest.version, tuple(problems))
 
+    def verified_manifest(self, slot: str) -> Manifest:
+        """The manifest of ``slot``, checked against the signed delivery it holds (root
+        chain, targets signature, manifest hash, model) - not its files. The app loader
+        checks every file it executes against it. Raises ``tampered`` or another
+        :class:`UpdateError`."""
+        base = self.dir / slot
+        try:
+            delivery = Delivery.parse(_read_small(base / "delivery.json", 8 * 1024 * 1024))
+            release, _target = self._verify_delivery(delivery)
+            raw = _read_small(base / "manifest.json", self.limits.max_manifest_bytes)
+        except OSError as e:
+            raise UpdateError(UpdateReason.TAMPERED, f"slot {slot} is incomplete") from e
+        if hashlib.sha256(raw).hexdigest() != release.manifest_sha256:
+            raise UpdateError(UpdateReason.TAMPERED, f"slot {slot}: manifest.json changed")
+        manifest = Manifest.parse(raw, limits=self.limits)
+        if manifest.version != release.version or manifest.model != self.model:
+            raise UpdateError(UpdateReason.TAMPERED, f"slot {slot}: manifest.json changed")
+        return manifest
+
     def _verify_delivery(self, delivery: Delivery) -> tuple[ReleaseInfo, TargetFile]:
         """root chain -> targets signature -> the target -> its release info (model, name)."""
         root = self._root(delivery.root_version)

@@ -313,6 +313,12 @@ class Repository:
             targets_metadata=path.read_bytes(),
         )
 
+    def snapshot_version(self) -> int:
+        """The snapshot version the current timestamp names; it changes with every publish
+        (cheap: reads ``timestamp.json`` only)."""
+        return _load(self.metadata_dir / "timestamp.json",
+                     Timestamp).signed.snapshot_meta.version
+
     def expiry(self) -> dict[str, dt.datetime]:
         """Current expiry of every role (operators watch ``root``: it needs the offline keys)."""
         state = self._load_state()
