@@ -38,6 +38,8 @@ typecheck: setup
 secrets: setup
 	@echo "==> detect-secrets: no secret may be committed"
 	@$(BIN)/python scripts/check_secrets.py
+	@echo "==> the built wheel carries no key or secret"
+	@$(BIN)/python scripts/check_wheel.py
 
 pytest: setup
 	@echo "==> pytest (real Mosquitto, real TLS, SQLite$${HEARTH_TEST_DATABASE_URL:+ and PostgreSQL})"

@@ -2,6 +2,7 @@
 # Make sure the system packages Hearth needs are present.
 #   - python3 with venv support (to build .venv)
 #   - Mosquitto 2 with its dynamic-security plugin (the broker `hearth up` supervises)
+#   - SoftHSM2 (the PKCS#11 key store's tests sign with a real software token)
 #   - Chromium (only when HEARTH_NEED_BROWSER=1: the web app's browser tests)
 # As root on Debian we install what is missing with apt-get; otherwise we say what to install.
 set -euo pipefail
@@ -9,15 +10,17 @@ set -euo pipefail
 missing=()
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
-command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto)
-ls /usr/lib/*/mosquitto_dynamic_security.so /usr/lib/mosquitto_dynamic_security.so >/dev/null 2>&1 \
-  || { [[ " ${missing[*]} " == *" mosquitto "* ]] || missing+=(mosquitto); }
+{ command -v mosquitto || [[ -x /usr/sbin/mosquitto ]]; } >/dev/null 2>&1 \
+  && compgen -G "/usr/lib/*/mosquitto_dynamic_security.so" >/dev/null 2>&1 \
+  || missing+=(mosquitto)
+command -v softhsm2-util >/dev/null 2>&1 && ls /usr/lib/softhsm/libsofthsm2.so >/dev/null 2>&1 \
+  || missing+=(softhsm2)
 if [[ "${HEARTH_NEED_BROWSER:-0}" == "1" ]]; then
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 fi
 
 if [[ ${#missing[@]} -eq 0 ]]; then
-  echo "==> System packages present: python3 (venv), mosquitto$([[ "${HEARTH_NEED_BROWSER:-0}" == "1" ]] && echo ", chromium")"
+  echo "==> System packages present: python3 (venv), mosquitto, softhsm2$([[ "${HEARTH_NEED_BROWSER:-0}" == "1" ]] && echo ", chromium")"
   exit 0
 fi
 

@@ -109,10 +109,11 @@ def test_topics() -> None:
 
 
 def command(**over: Any) -> dict[str, Any]:
+    now = dt.datetime.now(dt.UTC)  # fresh: the module may be imported minutes earlier
     msg: dict[str, Any] = {
         "v": 1, "command_id": new_command_id(), "device_id": DEV, "name": "set_target",
-        "params": {"target": 22.0}, "issued_at": NOW.isoformat(),
-        "expires_at": (NOW + dt.timedelta(minutes=5)).isoformat(),
+        "params": {"target": 22.0}, "issued_at": now.isoformat(),
+        "expires_at": (now + dt.timedelta(minutes=5)).isoformat(),
     }
     msg.update(over)
     return msg
@@ -122,7 +123,7 @@ def command(**over: Any) -> dict[str, Any]:
     ("over", "reason"),
     [
         ({"device_id": new_device_id()}, Reason.DEVICE_MISMATCH),
-        ({"expires_at": (NOW - dt.timedelta(seconds=1)).isoformat()}, Reason.EXPIRED),
+        ({"expires_at": "2021-01-01T00:00:00+00:00"}, Reason.EXPIRED),
         ({"name": "self_destruct"}, Reason.UNKNOWN_COMMAND),
         ({"params": {"target": 36}}, Reason.OUT_OF_RANGE),
         ({"params": {"target": 22, "boost": 1}}, Reason.UNKNOWN_READING),

@@ -37,6 +37,19 @@ app.add_typer(pki_app, name="pki")
 app.add_typer(factory_app, name="factory")
 app.add_typer(fleet_app, name="fleet")
 app.add_typer(device_app, name="device")
+admin_app = typer.Typer(help="Service accounts for operators and the security team.",
+                        no_args_is_help=True)
+app.add_typer(admin_app, name="admin")
+
+
+def _add_release_commands() -> None:
+    from hearth.cli_release import release_app, tuf_app
+
+    app.add_typer(release_app, name="release")
+    device_app.add_typer(tuf_app, name="tuf-client")
+
+
+_add_release_commands()
 
 DEFAULT_DATA_DIR = Path(os.environ.get("HEARTH_DATA_DIR", "hearth-data"))
 DataDir = Annotated[
@@ -68,6 +81,14 @@ def factory_mint(
     from hearth.pki import MakerPKI
 
     pki = MakerPKI.load_or_create(data_dir / "pki")
+    updates = None  # signed software: the factory image and trust anchor, once there is one
+    if (data_dir / "updates" / "metadata" / "1.root.json").exists():
+        from hearth.updates.quickstart import open_repository
+
+        updates = open_repository(data_dir)
+    else:
+        console.print("[yellow]no update repository in the data directory[/yellow]: the units "
+                      "get no signed software (hearth release init / publish first)")
     with Progress(
         TextColumn("minting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
         console=console, disable=count < 50,
@@ -76,7 +97,7 @@ def factory_mint(
         units = mint(
             pki, model=model, count=count, out=out,
             endpoint=Endpoint(mqtt_host=mqtt_host, mqtt_port=mqtt_port, http_url=http_url),
-            progress=lambda n: bar.advance(task, n),
+            progress=lambda n: bar.advance(task, n), updates=updates,
         )
     console.print(f"Minted {len(units)} {model} unit(s) into {out}; manifest: {out}/manifest.json")
 
@@ -212,16 +233,86 @@ def device_run(
     mqtt_port: Annotated[int | None, typer.Option(help="Override the broker port.")] = None,
     backoff_base: Annotated[float, typer.Option(help="Reconnect backoff base (s).")] = 1.0,
     backoff_cap: Annotated[float, typer.Option(help="Reconnect backoff cap (s).")] = 60.0,
+    check_interval: Annotated[float, typer.Option(help="Seconds between update checks (also "
+                                                       "on every connect).")] = 6 * 3600.0,
+    health_timeout: Annotated[float, typer.Option(help="Seconds a new version has to connect "
+                                                       "and report.")] = 120.0,
+    local_api: Annotated[str | None, typer.Option(
+        help="Serve the local API (HTTPS, owner credential or setup code only) on HOST:PORT "
+             "for offline control; off unless given. See docs/device-ports.md.")] = None,
 ) -> None:
-    """Run a unit: its app keeps working offline, telemetry is queued and sent in order."""
-    from hearth.device.agent import run_device
+    """Run a unit: at every start its software is verified (signed updates, A/B slots),
+    its app keeps working offline, telemetry is queued and sent in order, updates are
+    installed in the background."""
+    from hearth.device.localapi import LocalApiConfig
+    from hearth.device.runtime import run_unit
 
     if not 0.05 <= telemetry_interval <= 86400:
         raise ValidationError("out_of_range", "telemetry interval must be 0.05..86400 s")
-    rc = run_device(directory, telemetry_interval=telemetry_interval, mqtt_host=mqtt_host,
-                    mqtt_port=mqtt_port, backoff_base=backoff_base, backoff_cap=backoff_cap)
+    local = None
+    if local_api is not None:
+        host, sep, port = local_api.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValidationError("invalid_address", "--local-api must be HOST:PORT")
+        local = LocalApiConfig(host=host.strip("[]"), port=int(port))
+    rc = run_unit(directory, telemetry_interval=telemetry_interval, mqtt_host=mqtt_host,
+                  mqtt_port=mqtt_port, backoff_base=backoff_base, backoff_cap=backoff_cap,
+                  check_interval=check_interval, health_timeout=health_timeout,
+                  local_api=local)
     if rc:
         raise typer.Exit(rc)
+
+
+@device_app.command("reset")
+def device_reset(
+    directory: Annotated[Path, typer.Option("--dir", help="The unit's directory (its flash).")],
+) -> None:
+    """Factory reset a (stopped) unit: erase its owner binding, local user data and queued
+    data; keep its identity. It can then be claimed again only with its own setup code."""
+    from hearth.device.owner import reset_unit_directory
+
+    erased = reset_unit_directory(directory)
+    console.print("Factory reset done" + (" (owner binding erased)." if erased else "."))
+
+
+@admin_app.command("create")
+def admin_create(
+    email: Annotated[str, typer.Option(help="The new account's e-mail address.")],
+    role: Annotated[str, typer.Option(help="operator or security.")] = "operator",
+    password_file: Annotated[Path | None, typer.Option(
+        help="Read the password from this file (else one is generated and shown once).")
+    ] = None,
+    totp_now: Annotated[bool, typer.Option(
+        "--totp-now", help="Enrol the authenticator now and print its otpauth URI once "
+        "(else it is enrolled at the first sign-in).")] = False,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Create an operator or security-team account. There is no default account."""
+    from hearth.service import db
+    from hearth.service.accounts.admin import create_admin, read_password_file
+    from hearth.service.accounts.models import Role
+    from hearth.service.accounts.wiring import service_secret
+
+    if role not in ("operator", "security"):
+        raise ValidationError("invalid_role", "role must be operator or security")
+    settings = _settings(data_dir)
+    password = read_password_file(password_file) if password_file is not None else None
+    engine = db.make_engine(settings.database_url)
+    db.migrate(engine)
+    with db.session_factory(engine).begin() as session:
+        created = create_admin(session, email=email, role=Role(role), password=password,
+                               secret_key=service_secret(settings), totp_now=totp_now)
+    engine.dispose()
+    console.print(f"Created {created.role.value} account {created.email}.")
+    if created.generated_password:
+        console.print("Password (shown once; store it now, only its hash is kept):")
+        sys.stdout.write(created.generated_password + "\n")
+    if created.totp_uri:
+        console.print("Authenticator setup URI (shown once; import it in your TOTP app):")
+        sys.stdout.write(created.totp_uri + "\n")
+    else:
+        console.print("The authenticator app is set up at the first sign-in.")
+    sys.stdout.flush()
 
 
 @app.command("demo")
@@ -264,7 +355,7 @@ def _fail(err: HearthError) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hearth`` command."""
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
     except HearthError as err:
         return _fail(err)
     except typer.Abort:
@@ -280,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
                 show()
             return exit_code
         raise
-    return 0
+    # `raise typer.Exit(n)` in a command comes back as the return value here.
+    return rc if isinstance(rc, int) and not isinstance(rc, bool) else 0
 
 
 def _print_json(obj: object) -> None:

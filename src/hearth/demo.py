@@ -150,8 +150,15 @@ def run_demo(
 
         endpoint = Endpoint(mqtt_host="127.0.0.1", mqtt_port=mqtt_port,
                             http_url=f"https://127.0.0.1:{http_port}")
-        units = mint(pki, model="thermostat", count=5, out=root / "units", endpoint=endpoint)
-        units += mint(pki, model="lock", count=1, out=root / "units", endpoint=endpoint)
+        # Signed software: offline root keys (outside the service data), the update
+        # repository and release 1.0.0 of each model, installed into every unit's slot A.
+        from hearth.updates import bootstrap
+
+        updates = bootstrap(settings.data_dir, root / "offline-root-keys")
+        units = mint(pki, model="thermostat", count=5, out=root / "units", endpoint=endpoint,
+                     updates=updates)
+        units += mint(pki, model="lock", count=1, out=root / "units", endpoint=endpoint,
+                      updates=updates)
         for u in units:
             say(f"   {u.model:<10} {u.device_id}")
 

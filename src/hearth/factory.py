@@ -21,8 +21,14 @@ trust the service and to prove who it is::
 Nothing about a unit is derived from a serial number, MAC address or counter: the device id
 the broker password and the setup code are fresh CSPRNG output
 (:func:`hearth.pki.new_device_id`, :func:`secrets.token_urlsafe`,
-:func:`hearth.setupcode.new_setup_code`). The update root of trust is added to the same
-directory by a later stage (see ``unit.json`` ``format``).
+:func:`hearth.setupcode.new_setup_code`).
+
+With ``updates=`` (the service's update repository) each unit also gets its update trust
+anchor and its factory image (signed updates, ``docs/updates.md``)::
+
+    OUT/<device_id>/update/trusted_root.json  the TUF root the unit trusts (and nothing else)
+    OUT/<device_id>/slots/a/...               the newest published release of its model,
+                                              verified and committed in slot A
 """
 
 from __future__ import annotations
@@ -37,13 +43,16 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hearth._fsutil import atomic_write, read_json, write_json, write_secret
 from hearth.errors import ConfigError, ValidationError
 from hearth.pki import MakerPKI, cert_to_pem, generate_key, key_to_pem, new_device_id
 from hearth.protocol import MODELS
 from hearth.setupcode import new_setup_code
+
+if TYPE_CHECKING:
+    from hearth.updates.repository import Repository
 
 __all__ = [
     "DYNSEC_ITERATIONS",
@@ -150,10 +159,16 @@ def mint(
     endpoint: Endpoint | None = None,
     progress: Callable[[int], None] | None = None,
     labels: bool = True,
+    updates: Repository | None = None,
 ) -> list[MintedUnit]:
-    """Mint ``count`` units of ``model`` into ``out`` and write/extend its manifest."""
+    """Mint ``count`` units of ``model`` into ``out`` and write/extend its manifest.
+
+    ``updates``: install each unit's update trust anchor and the model's newest published
+    release as its factory image (slot A). Without it the unit has no signed software
+    (tests of other parts; such a unit runs the built-in reference app)."""
     if model not in MODELS:
         raise ValidationError("unknown_model", f"unknown model {model!r}; known: {sorted(MODELS)}")
+    provision = _update_provisioner(updates, model) if updates is not None else None
     if not 1 <= count <= MAX_BATCH:
         raise ValidationError("out_of_range", f"count must be 1..{MAX_BATCH}")
     endpoint = endpoint or Endpoint()
@@ -206,6 +221,8 @@ def mint(
 
             atomic_write(out / "labels" / f"{device_id}.svg", label_svg(device_id, code, model))
             atomic_write(out / "labels" / f"{device_id}.png", label_png(device_id, code, model))
+        if provision is not None:
+            provision(unit_dir)
         print_rows.append((device_id, model, code))
         minted.append(MintedUnit(device_id, model, unit_dir))
         if progress:
@@ -213,6 +230,26 @@ def mint(
     write_json(manifest_path, manifest)
     _append_print_manifest(out / "labels" / "print-manifest.csv", print_rows)
     return minted
+
+
+def _update_provisioner(updates: Repository, model: str) -> Callable[[Path], None]:
+    """Install the trust anchor and the factory image (checked once, copied per unit)."""
+    from hearth.device.slots import provision_factory_image
+    from hearth.device.updater import install_trusted_root
+
+    release = updates.latest(model)
+    if release is None:
+        raise ConfigError(f"the update repository has no release of {model!r} to use as the "
+                          "factory image (hearth release publish ...)")
+    root = updates.trusted_root()
+    bundle = updates.target_file(release.target_name)
+    delivery = updates.delivery(release.target_name)
+
+    def provision(unit_dir: Path) -> None:
+        install_trusted_root(unit_dir, root)
+        provision_factory_image(unit_dir, bundle, delivery)
+
+    return provision
 
 
 def _append_print_manifest(path: Path, rows: list[tuple[str, str, str]]) -> None:

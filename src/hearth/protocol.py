@@ -12,6 +12,8 @@ username)::
     hearth/v1/d/{id}/event         unit -> cloud   Event
     hearth/v1/d/{id}/cmd           cloud -> unit   Command
     hearth/v1/d/{id}/cmd/result    unit -> cloud   CommandResult
+    hearth/v1/d/{id}/update/check  unit -> cloud   UpdateCheck  (asks for an update token)
+    hearth/v1/d/{id}/update/offer  cloud -> unit   UpdateOffer  (token, assigned release)
 
 Example::
 
@@ -38,6 +40,7 @@ __all__ = [
     "MAX_PAYLOAD_BYTES",
     "MAX_READINGS",
     "MODELS",
+    "SYSTEM_COMMANDS",
     "TOPIC_PREFIX",
     "Command",
     "CommandResult",
@@ -47,14 +50,21 @@ __all__ = [
     "ReadingSpec",
     "Reason",
     "Telemetry",
+    "UpdateCheck",
+    "UpdateOffer",
+    "command_spec",
     "command_topic",
     "device_topic",
     "new_command_id",
+    "owner_verifier",
     "parse_command",
     "parse_command_result",
     "parse_event",
     "parse_telemetry",
     "parse_topic",
+    "parse_update_check",
+    "parse_update_offer",
+    "update_topic",
     "validate_values",
 ]
 
@@ -70,9 +80,11 @@ MAX_SEQ = 2**63 - 1
 COMMAND_TTL = dt.timedelta(minutes=5)
 
 TOPIC_PREFIX = "hearth/v1/d"
-_TOPIC_RE = re.compile(r"^hearth/v1/d/([0-9a-f]{32})/(telemetry|event|cmd|cmd/result)$")
+_TOPIC_RE = re.compile(
+    r"^hearth/v1/d/([0-9a-f]{32})/(telemetry|event|cmd|cmd/result|update/check|update/offer)$")
 _NAME = r"^[a-z][a-z0-9_]{0,31}$"
 _DEVICE_ID = r"^[0-9a-f]{32}$"
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{16,32}$")
 
 
 class Reason(enum.StrEnum):
@@ -122,7 +134,9 @@ def parse_topic(topic: str) -> tuple[str, str]:
 class ReadingSpec:
     """One reading or parameter: its type, unit and physical range."""
 
-    kind: Literal["number", "bool", "enum"]
+    kind: Literal["number", "bool", "enum", "token"]
+    """``token``: an opaque 16-32 character URL-safe string (identifiers, verifiers; never
+    a secret in clear - see :func:`owner_verifier`)."""
     unit: str = ""
     min: float | None = None
     max: float | None = None
@@ -130,6 +144,12 @@ class ReadingSpec:
     description: str = ""
 
     def check(self, name: str, value: object) -> None:
+        if self.kind == "token":
+            if not isinstance(value, str) or not _TOKEN_RE.match(value):
+                raise ValidationError(
+                    Reason.WRONG_TYPE, f"{name} must be 16-32 URL-safe characters"
+                )
+            return
         if self.kind == "bool":
             if not isinstance(value, bool):
                 raise ValidationError(Reason.WRONG_TYPE, f"{name} must be true or false")
@@ -202,6 +222,44 @@ LOCK = ModelSpec(
 )
 
 MODELS: Mapping[str, ModelSpec] = {m.name: m for m in (THERMOSTAT, LOCK)}
+
+SYSTEM_COMMANDS: Mapping[str, CommandSpec] = {
+    "bind_owner": CommandSpec(
+        {"owner": ReadingSpec("token"), "verifier": ReadingSpec("token")},
+        "bind the unit to its owner: an opaque owner reference and the verifier (a hash) "
+        "of the owner's local-access credential",
+    ),
+    "unbind_owner": CommandSpec(
+        {"owner": ReadingSpec("token")}, "forget the owner binding if it is this owner's"
+    ),
+    "factory_reset": CommandSpec(
+        {}, "erase the owner binding, local user data and queued personal data; keep the "
+        "unit's identity"
+    ),
+    "acknowledge_alert": CommandSpec(
+        {}, "an operator acted on the unit's integrity alert: lift its quarantine"
+    ),
+    "check_updates": CommandSpec({}, "ask the service for an update now"),
+}
+"""Commands every model accepts, sent only by the service itself (claiming, release, reset);
+never through the operator or consumer command routes. A unit whose firmware predates one
+answers ``unknown_command`` (backwards compatible)."""
+
+
+def command_spec(model: ModelSpec, name: str) -> CommandSpec | None:
+    """The spec of command ``name`` for ``model``: a system command or one of the model's."""
+    return SYSTEM_COMMANDS.get(name) or model.commands.get(name)
+
+
+def owner_verifier(credential: str) -> str:
+    """What the service sends and the unit stores for an owner's local-access credential:
+    192 bits of SHA-256 (32 URL-safe characters, fits a protocol ``token``). The
+    credential itself is 256 bits of CSPRNG output, so a fast hash is enough."""
+    import base64
+    import hashlib
+
+    digest = hashlib.sha256(b"hearth-owner-credential-v1\x00" + credential.encode()).digest()
+    return base64.urlsafe_b64encode(digest[:24]).decode()
 
 
 def validate_values(
@@ -349,13 +407,80 @@ def parse_command(
         raise ValidationError(Reason.INVALID_SCHEMA, "timestamps must carry a UTC offset")
     if msg.expires_at <= now:
         raise ValidationError(Reason.EXPIRED, "command has expired")
-    spec = model.commands.get(msg.name)
+    spec = command_spec(model, msg.name)
     if spec is None:
         raise ValidationError(Reason.UNKNOWN_COMMAND, f"{model.name} has no command {msg.name!r}")
     validate_values(msg.params, spec.params, what="parameter")
     missing = set(spec.params) - set(msg.params)
     if missing:
         raise ValidationError(Reason.INVALID_SCHEMA, f"missing parameter {sorted(missing)[0]!r}")
+    return msg
+
+
+# --- update channel (signed updates, issue 4) -----------------------------------------------
+Version = Annotated[str, Field(pattern=r"^(0|[1-9][0-9]{0,5})(\.(0|[1-9][0-9]{0,5})){2}$")]
+RequestId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+TargetName = Annotated[str, Field(max_length=128, pattern=r"^[a-z][a-z0-9_]{0,31}/[a-z0-9_.-]+$")]
+
+
+class UpdateCheck(_Message):
+    """Unit -> cloud on ``update/check``: "give me an update token (and my release)".
+
+    ``version`` is the committed (known-good) version, ``running`` the one running now and
+    ``mode`` what the unit's boot decided (``trial``: a new version awaits its health check).
+    """
+
+    v: Literal[1] = 1
+    device_id: DeviceId
+    request_id: RequestId
+    ts: dt.datetime
+    version: Version
+    running: Version | None = None
+    mode: Literal["normal", "trial", "quarantined", "safe_mode"] = "normal"
+
+
+class UpdateOffer(_Message):
+    """Cloud -> unit on ``update/offer``, answering one :class:`UpdateCheck`.
+
+    ``token`` is a short-lived bearer token for the update routes (scope ``updates:read``,
+    this unit only). ``target`` is the release the unit should install *now* (its rollout
+    cohort includes it and its owner's update preference allows it), ``available`` the
+    newest release for it even if not now. ``support_*`` is its model's support period.
+    An empty ``token`` with a ``refused`` reason means no download is allowed.
+    """
+
+    v: Literal[1] = 1
+    device_id: DeviceId
+    request_id: RequestId
+    ts: dt.datetime
+    token: Annotated[str, Field(max_length=1024)] = ""
+    token_expires_at: dt.datetime | None = None
+    target: TargetName | None = None
+    available: Version | None = None
+    support_end: dt.date | None = None
+    support_status: Literal["supported", "ending_soon", "ended", "undefined"] = "undefined"
+    refused: Annotated[str, Field(max_length=64)] = ""
+
+
+def update_topic(device_id: str, kind: Literal["update/check", "update/offer"]) -> str:
+    """The update channel topics of a unit."""
+    return device_topic(device_id, kind)
+
+
+def parse_update_check(
+    raw: bytes, *, topic_device_id: str, now: dt.datetime | None = None
+) -> UpdateCheck:
+    """What the service runs on every update check (size, schema, device id, timestamp)."""
+    msg = _decode(UpdateCheck, raw)
+    _check_device(msg.device_id, topic_device_id)
+    _check_ts(msg.ts, now)
+    return msg
+
+
+def parse_update_offer(raw: bytes, *, device_id: str) -> UpdateOffer:
+    """What a unit runs on every offer (the caller matches the request id)."""
+    msg = _decode(UpdateOffer, raw)
+    _check_device(msg.device_id, device_id)
     return msg
 
 

@@ -18,6 +18,7 @@ from hearth.pki import MakerPKI
 from hearth.service import db, fleet
 from hearth.service.config import Settings
 from hearth.service.runner import Stack
+from hearth.updates import bootstrap
 from tests.helpers import free_port
 
 
@@ -51,15 +52,16 @@ class Fleet:
 def make_fleet(root: Path, *, thermostats: int, locks: int) -> Fleet:
     settings = Settings(data_dir=root / "service", http_port=free_port(), mqtt_port=free_port())
     pki = MakerPKI.create(settings.pki_dir)
+    updates = bootstrap(settings.data_dir, root / "offline-root-keys")
     endpoint = Endpoint(mqtt_host="127.0.0.1", mqtt_port=settings.mqtt_port,
                         http_url=f"https://127.0.0.1:{settings.http_port}")
     units: list[MintedUnit] = []
     if thermostats:
         units += mint(pki, model="thermostat", count=thermostats, out=root / "units",
-                      endpoint=endpoint, labels=False)
+                      endpoint=endpoint, labels=False, updates=updates)
     if locks:
         units += mint(pki, model="lock", count=locks, out=root / "units", endpoint=endpoint,
-                      labels=False)
+                      labels=False, updates=updates)
     engine = db.make_engine(settings.database_url)
     db.migrate(engine)
     with db.session_factory(engine)() as session:

@@ -22,12 +22,14 @@ def test_defaults(tmp_path: Path) -> None:
 
 def test_env_overrides() -> None:
     s = Settings.from_env({
+        # pragma: allowlist nextline secret
         "HEARTH_DATABASE_URL": "postgresql://hearth:pw@db.example/hearth",
         "HEARTH_HTTP_PORT": " 9443 ",
         "HEARTH_INGEST_BATCH_SIZE": "50",
         "HEARTH_SOMETHING_ELSE": "x",
         "PATH": "/bin",
     })
+    # pragma: allowlist nextline secret
     assert s.database_url == "postgresql+psycopg://hearth:pw@db.example/hearth"
     assert s.http_port == 9443
     assert s.ingest_batch_size == 50

@@ -60,7 +60,10 @@ from hearth.device.link import (
     Backoff,
     Link,
 )
+from hearth.device.localapi import LocalApi, LocalApiConfig
 from hearth.device.outbox import DEFAULT_MAX_MESSAGES, Kind, Outbox
+from hearth.device.owner import RESET_EVENT, OwnerStore
+from hearth.device.owner import factory_reset as _factory_reset
 from hearth.errors import DeviceError, ValidationError
 from hearth.protocol import (
     MAX_PAYLOAD_BYTES,
@@ -147,6 +150,7 @@ class Agent:
         keepalive: int = DEFAULT_KEEPALIVE,
         rng: random.Random | None = None,
         clock: Callable[[], dt.datetime] = _utcnow,
+        local_api: LocalApiConfig | None = None,
     ) -> None:
         if app.model.name != identity.model.name:
             raise DeviceError(
@@ -195,6 +199,14 @@ class Agent:
         self._started = False
         self._closed = False
         self._unit_lock: IO[bytes] | None = None
+        self.owner = OwnerStore(identity.directory)
+        """The owner binding (``bind_owner``/``unbind_owner``/``factory_reset`` commands)."""
+        self.local_api = LocalApi(identity, owner=self.owner, app=app, config=local_api) if (
+            local_api is not None) else None
+        """The unit's only listening socket (HTTPS, owner credential or setup code)."""
+        self.quiet = False
+        """While true no telemetry is queued: a unit quarantined after a failed integrity
+        check talks only to the alerting path (set by :mod:`hearth.device.runtime`)."""
 
     def __repr__(self) -> str:
         return f"Agent({self.device_id}, {self.identity.model.name})"
@@ -216,6 +228,8 @@ class Agent:
         )
         self._timer.start()
         self.link.start()
+        if self.local_api is not None:
+            self.local_api.start()
         _log.info("agent started for %s (%s)", self.device_id, self.identity.model.name)
 
     def _lock_unit(self) -> None:
@@ -242,6 +256,8 @@ class Agent:
         self._closed = True
         if self._timer is not None:
             self._timer.join(timeout=10)
+        if self.local_api is not None:
+            self.local_api.stop()
         self.link.stop()
         self.app.stop()
         self.outbox.close()
@@ -315,7 +331,10 @@ class Agent:
         """Queue one telemetry report of the app's current readings; returns its seq.
 
         Readings outside the model's ranges are not sent (counted in ``telemetry_invalid``).
+        Nothing is queued while :attr:`quiet`.
         """
+        if self.quiet:
+            return None
         readings = self._valid_readings()
         if readings is None:
             return None
@@ -418,7 +437,7 @@ class Agent:
             self._duplicate_seen()
             return None
         try:
-            self.app.execute(cmd.name, cmd.params)
+            self._execute(cmd.name, cmd.params)
         except ValidationError as e:
             self._count_rejected(e.reason)
             _log.warning("the app refused command %s: %s", cmd.name, e.reason)
@@ -440,6 +459,27 @@ class Agent:
             self._executed += 1
         _log.info("executed command %s", cmd.name)
         return self._result(cmd.command_id, "succeeded", "", "", record=True)
+
+    def _execute(self, name: str, params: Mapping[str, object]) -> None:
+        """System commands (owner binding, reset) here; the model's commands in the app."""
+        if name == "bind_owner":
+            self.owner.bind(str(params["owner"]), str(params["verifier"]), now=self._clock())
+        elif name == "unbind_owner":
+            self.owner.unbind(str(params["owner"]))
+        elif name == "factory_reset":
+            self.factory_reset()
+        else:
+            self.app.execute(name, params)
+
+    def factory_reset(self) -> str:
+        """Erase the owner binding, local user data and queued messages; keep the unit's
+        identity. Queues a ``factory_reset`` event naming the owner reference erased (so
+        the service ends that binding) and returns it."""
+        erased = _factory_reset(self.identity.directory, owner=self.owner,
+                                purge_outbox=self.outbox.purge, app=self.app)
+        _log.info("factory reset done")
+        self.enqueue_event(RESET_EVENT, erased)
+        return erased
 
     def _duplicate_seen(self) -> None:
         with self._stats_lock:
@@ -482,6 +522,7 @@ def run_device(
     backoff_cap: float = DEFAULT_BACKOFF_CAP,
     app_options: Mapping[str, Any] | None = None,
     ready: Callable[[Agent], None] | None = None,
+    local_api: LocalApiConfig | None = None,
 ) -> int:
     """Run the unit in ``directory`` until SIGINT/SIGTERM; returns the exit code (0).
 
@@ -498,6 +539,7 @@ def run_device(
     agent = Agent(
         identity, app, telemetry_interval=telemetry_interval, mqtt_host=mqtt_host,
         mqtt_port=mqtt_port, backoff_base=backoff_base, backoff_cap=backoff_cap,
+        local_api=local_api,
     )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

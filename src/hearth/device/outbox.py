@@ -320,6 +320,22 @@ class Outbox:
             self._db.executemany("DELETE FROM messages WHERE seq = ?", ids)
             return self._db.total_changes - before
 
+    def purge(self) -> int:
+        """Erase every queued message (factory reset); returns how many. Not counted as
+        drops; the sequence counter and the executed-command ids are kept (numbers are
+        never reused). The freed pages are overwritten (``secure_delete``) and the WAL is
+        checkpointed, so the erased data does not linger in the file."""
+        with self._lock:
+            with _db_errors(self.path):
+                self._db.execute("PRAGMA secure_delete=ON")
+            with self._transaction():
+                before = self._db.total_changes
+                self._db.execute("DELETE FROM messages")
+                erased = self._db.total_changes - before
+            with _db_errors(self.path):
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            return erased
+
     def __len__(self) -> int:
         with self._lock, _db_errors(self.path):
             return self._count()

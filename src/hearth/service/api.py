@@ -35,7 +35,7 @@ from typing import Annotated, Any, Protocol
 import anyio
 import sqlalchemy as sa
 from cryptography import x509
-from fastapi import Depends, FastAPI, Path, Query, Request, status
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -86,7 +86,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
-PUBLIC_PATHS = frozenset({"/healthz", f"{API_PREFIX}/healthz", f"{API_PREFIX}/openapi.json"})
+PUBLIC_PATHS = frozenset({"/healthz", f"{API_PREFIX}/healthz", f"{API_PREFIX}/openapi.json",
+                          f"{API_PREFIX}/support-periods"})
 """The only paths answered without a token."""
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -563,6 +564,7 @@ def create_app(
     session_factory: sessionmaker[Session],
     command_publisher: CommandPublisher,
     revoker: Revoker | None,
+    routers: Iterable[APIRouter] = (),
 ) -> FastAPI:
     """Build the API app. ``revoker=None`` revokes in the database only (ingest then
     quarantines the unit's messages) and says so in the response (``broker_revoked``).
@@ -763,6 +765,8 @@ def create_app(
         app.add_api_route(path, health, methods=["GET"], response_model=HealthOut,
                           tags=["health"], include_in_schema=path != "/healthz")
 
+    for router in routers:  # capabilities' own routes (updates), same rules: a permission each
+        app.include_router(router, prefix=API_PREFIX)
     _install_error_handlers(app)
     # add_middleware wraps: the last added runs first.
     app.add_middleware(_BodyLimit, limit=settings.api_max_body_bytes)

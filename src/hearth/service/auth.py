@@ -59,6 +59,14 @@ class Permission(enum.StrEnum):
     QUARANTINE_READ = "quarantine:read"
     COMMANDS_SEND = "commands:send"
     COMMANDS_READ = "commands:read"
+    ROLLOUTS_READ = "rollouts:read"
+    """See releases, rollouts and their failures, units' update state and integrity alerts."""
+    ROLLOUTS_MANAGE = "rollouts:manage"
+    """Start, pause, resume, advance and cancel rollouts; set a unit's update preference."""
+    SUPPORT_MANAGE = "support:manage"
+    """Publish or extend a model's support period."""
+    ALERTS_ACKNOWLEDGE = "alerts:acknowledge"
+    """Acknowledge a unit's integrity alert (lifts its quarantine)."""
 
 
 ALL_PERMISSIONS: frozenset[Permission] = frozenset(Permission)

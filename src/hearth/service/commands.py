@@ -157,15 +157,19 @@ class CommandService:
         self.max_ttl = max_ttl
 
     def validate(
-        self, model_name: str, name: str, params: Mapping[str, object]
+        self, model_name: str, name: str, params: Mapping[str, object], *, system: bool = False
     ) -> None:
-        """Check a command against the model. Raises :class:`ValidationError`."""
+        """Check a command against the model. Raises :class:`ValidationError`.
+
+        ``system`` also allows :data:`hearth.protocol.SYSTEM_COMMANDS` (owner binding, reset),
+        which only the service itself sends (never the operator or consumer command routes).
+        """
         model = protocol.MODELS.get(model_name)
         if model is None:  # pragma: no cover - units are imported with known models
             raise ValidationError(Reason.UNKNOWN_COMMAND, f"unknown model {model_name!r}")
         if not isinstance(name, str):
             raise ValidationError(Reason.WRONG_TYPE, "command name must be a string")
-        spec = model.commands.get(name)
+        spec = protocol.command_spec(model, name) if system else model.commands.get(name)
         if spec is None:
             raise ValidationError(
                 Reason.UNKNOWN_COMMAND,
@@ -188,6 +192,7 @@ class CommandService:
         ttl: dt.timedelta | None = None,
         *,
         now: dt.datetime | None = None,
+        system: bool = False,
     ) -> str:
         """Validate, store and publish a command; returns its id.
 
@@ -210,7 +215,7 @@ class CommandService:
             unit = get_unit(session, device_id)
             if unit.status != UnitStatus.ACTIVE:
                 raise ValidationError(Reason.REVOKED, "unit is revoked")
-            self.validate(unit.model, name, params)
+            self.validate(unit.model, name, params, system=system)
             try:
                 command = protocol.Command(
                     command_id=protocol.new_command_id(),

@@ -10,7 +10,10 @@ certificate in it cannot be trusted for the others either). Each unit must have
   checked with the CA's public key), is not a CA itself, allows client authentication, is
   currently valid, and whose common name is the device id;
 * a broker password hash in the dynamic-security format (base64 PBKDF2-SHA512 digest, salt,
-  iterations) - a hash, never the password.
+  iterations) - a hash, never the password;
+* optionally ``setup_code_hash``: an argon2id hash (bounded cost parameters) of the setup
+  code, stored for claiming (:mod:`hearth.service.accounts`). A unit registered without one
+  gets it from a later import of the same unit.
 
 Re-importing the same manifest is a no-op; a *different* certificate for an id that is
 already registered is refused (ids are never reassigned), and re-importing a revoked unit
@@ -105,6 +108,31 @@ class _Checked:
     cert_der: bytes
     serial: str
     password_hash: dict[str, Any]
+    setup_code_hash: str | None = None
+
+
+_ARGON2_MAX_MEMORY_KIB = 256 * 1024
+_ARGON2_MAX_TIME = 10
+
+
+def _check_setup_code_hash(value: object) -> str | None:
+    """An argon2id hash with sane cost (a manifest must not make every claim cost minutes)."""
+    if value is None:
+        return None
+    from argon2 import Type, extract_parameters
+    from argon2.exceptions import InvalidHashError
+
+    if not isinstance(value, str) or len(value) > 256 or not value.startswith("$argon2id$"):
+        raise ValueError("setup_code_hash must be an argon2id hash")
+    try:
+        params = extract_parameters(value)
+    except (InvalidHashError, ValueError):
+        raise ValueError("setup_code_hash is not a valid argon2id hash") from None
+    if (params.type is not Type.ID or not 8 <= params.memory_cost <= _ARGON2_MAX_MEMORY_KIB
+            or not 1 <= params.time_cost <= _ARGON2_MAX_TIME or params.parallelism > 8
+            or params.salt_len < 8):
+        raise ValueError("setup_code_hash has out-of-range argon2 parameters")
+    return value
 
 
 def _problem(index: int, device_id: object, reason: str, detail: str) -> UnitProblem:
@@ -219,6 +247,11 @@ def _check_manifest(
         except ValueError as e:
             problems.append(_problem(index, device_id, "invalid_password_hash", str(e)))
             continue
+        try:
+            setup_code_hash = _check_setup_code_hash(unit.get("setup_code_hash"))
+        except ValueError as e:
+            problems.append(_problem(index, device_id, "invalid_setup_code_hash", str(e)))
+            continue
         checked.append(
             _Checked(
                 device_id=device_id,
@@ -227,6 +260,7 @@ def _check_manifest(
                 cert_der=cert.public_bytes(Encoding.DER),
                 serial=str(cert.serial_number),
                 password_hash=password_hash,
+                setup_code_hash=setup_code_hash,
             )
         )
     return checked, problems
@@ -254,6 +288,7 @@ def import_manifest(
         for unit in session.scalars(sa.select(Unit).where(Unit.device_id.in_(chunk))):
             existing[unit.device_id] = unit
     new: list[_Checked] = []
+    fills: list[tuple[Unit, str]] = []
     unchanged = 0
     index_of = {c.device_id: i for i, c in enumerate(checked)}
     for c in checked:
@@ -269,9 +304,13 @@ def import_manifest(
                                         "a different unit is already registered with this id"))
         else:
             unchanged += 1
+            if old.setup_code_hash is None and c.setup_code_hash is not None:
+                fills.append((old, c.setup_code_hash))
     if problems:
         problems.sort(key=lambda p: p.index)
         raise ImportRefused(problems)
+    for old, code_hash in fills:
+        old.setup_code_hash = code_hash
     for start in range(0, len(new), _QUERY_CHUNK):
         session.execute(
             sa.insert(Unit),
@@ -285,6 +324,7 @@ def import_manifest(
                     "status": UnitStatus.ACTIVE.value,
                     "imported_at": now,
                     "latest_state": {},
+                    "setup_code_hash": c.setup_code_hash,
                 }
                 for c in new[start:start + _QUERY_CHUNK]
             ],

@@ -5,7 +5,8 @@ compares these models with the migrated database on SQLite and PostgreSQL so the
 cannot drift apart.
 
 Nothing secret is stored in clear: ``units.mqtt_password_hash`` is the broker's PBKDF2 hash
-from the factory manifest and ``api_tokens.token_hash`` the SHA-256 of a 256-bit token.
+from the factory manifest, ``units.setup_code_hash`` the factory's argon2id hash of the
+setup code, and ``api_tokens.token_hash`` the SHA-256 of a 256-bit token.
 """
 
 from __future__ import annotations
@@ -100,6 +101,9 @@ class Unit(Base):
     latest_seq: Mapped[int | None] = mapped_column(sa.BigInteger)
     latest_ts: Mapped[dt.datetime | None]
     latest_state: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    setup_code_hash: Mapped[str | None] = mapped_column(sa.String(256))
+    """argon2id hash of the unit's setup code (factory manifest); NULL for units imported
+    from a manifest without one (they cannot be claimed by code). Revision 0201."""
 
     __table_args__ = (sa.CheckConstraint(f"status IN ({_in(UnitStatus)})", name="status"),)
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import uvicorn
 from cryptography import x509
+from fastapi import APIRouter
 from sqlalchemy.orm import Session
 from starlette.types import ASGIApp
 
@@ -40,6 +41,7 @@ from hearth._fsutil import atomic_write, write_secret
 from hearth.errors import HearthError
 from hearth.pki import MakerPKI, cert_from_pem, cert_to_pem, generate_key, key_to_pem
 from hearth.service import auth, db, fleet
+from hearth.service.accounts.wiring import AccountsService, accounts_router, build_accounts
 from hearth.service.api import create_app
 from hearth.service.broker import Broker, BrokerUnit
 from hearth.service.commands import CommandService, MqttCommandPublisher
@@ -47,6 +49,7 @@ from hearth.service.config import Settings
 from hearth.service.disclosure import DisclosureConfig, DisclosureService, create_router
 from hearth.service.ingest import IngestCore, IngestWorker
 from hearth.service.models import Unit, UnitStatus
+from hearth.service.updates.service import UpdateService
 from hearth.service.web import SecretPathFilter, compose, create_web_app
 
 __all__ = ["Stack", "StartInfo"]
@@ -98,10 +101,12 @@ class Stack:
         self.broker: Broker | None = None
         self.workers: list[IngestWorker] = []
         self.publisher: MqttCommandPublisher | None = None
+        self.updates: UpdateService | None = None
         self._server: uvicorn.Server | None = None
         self._server_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._reconciler: threading.Thread | None = None
+        self.accounts: AccountsService | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> StartInfo:
@@ -121,11 +126,14 @@ class Stack:
         self.broker = Broker(
             s.data_dir / "broker", self.pki, host=s.mqtt_host, port=s.mqtt_port,
             units=broker_units(units),
+            ingest_sessions=[f"hearth-ingest-{i}" for i in range(self._n_workers)],
         )
         try:
             self.broker.start()
             self.publisher = MqttCommandPublisher(self.broker.identity("hearth-control"))
             self.publisher.start()
+            self.updates = UpdateService(s.data_dir, self.session_factory)
+            self.updates.start(self.broker.identity("hearth-updates"))
             ingest_identity = self.broker.identity("hearth-ingest")
             for i in range(self._n_workers):
                 core = IngestCore(
@@ -163,6 +171,9 @@ class Stack:
         for worker in self.workers:
             worker.stop()
         self.workers = []
+        if self.updates is not None:
+            self.updates.stop()
+            self.updates = None
         if self.publisher is not None:
             self.publisher.stop()
             self.publisher = None
@@ -227,15 +238,45 @@ class Stack:
         env.setdefault("HEARTH_DISCLOSURE_ORGANISATION", "Hearth Maker")
         env.setdefault("HEARTH_DISCLOSURE_CONTACTS", f"{base}/security/report")
         env["HEARTH_SECRET_KEY"] = self._secret_key()
-        disclosure = DisclosureService(DisclosureConfig.from_env(env), self.session_factory)
+        self.accounts = build_accounts(self.settings, env, self.session_factory, self.publisher)
+        disclosure = DisclosureService(DisclosureConfig.from_env(env), self.session_factory,
+                                       support_period=self._support_period(),
+                                       team_session=self.accounts.security_actor)
+        update_pages = self._update_routers(disclosure.config)
         logging.getLogger("uvicorn.access").addFilter(SecretPathFilter())
-        return create_web_app(create_router(disclosure))
+        return create_web_app(create_router(disclosure), accounts_router(self.accounts),
+                              *update_pages)
+
+    # -- signed updates (hearth.service.updates) -------------------------------------------------
+    def _support_period(self) -> Callable[[str], object] | None:
+        from hearth.service.updates.web import support_period_provider
+
+        return support_period_provider(self.updates) if self.updates is not None else None
+
+    def _update_routers(self, config: DisclosureConfig) -> list[APIRouter]:
+        """The repository routes (update token) and the operator updates page."""
+        from hearth.service.updates.files import create_files_router
+        from hearth.service.updates.web import create_web_router
+
+        if self.updates is None:
+            return []
+        return [create_files_router(self.updates),
+                create_web_router(self.updates, secret_key=config.secret_key,
+                                  base_url=config.base_url,
+                                  secure_cookies=config.secure_cookies,
+                                  site_name=config.organisation)]
+
+    def _api_routers(self) -> list[APIRouter]:
+        from hearth.service.updates.api import create_api_router
+
+        return [create_api_router(self.updates)] if self.updates is not None else []
 
     def _start_api(self) -> None:
         assert self.broker is not None and self.publisher is not None
         api = create_app(
             self.settings, session_factory=self.session_factory,
             command_publisher=self.publisher, revoker=_Revoker(self.broker),
+            routers=self._api_routers(),
         )
         app = compose(api, self._web_app())
         cert_path, key_path = self._http_cert()
@@ -269,6 +310,10 @@ class Stack:
         assert self.broker is not None
         with self.session_factory() as session:
             units = _all_units(session)
+        with self.session_factory() as session:
+            # A write transaction of its own, taken up front: upgrading a read transaction
+            # to a write fails at once in SQLite when ingest committed in between.
+            db.begin_write(session)
             CommandService.expire_due(session)
             session.commit()
         known = self.broker.units
@@ -281,6 +326,8 @@ class Stack:
             if unit.status == UnitStatus.REVOKED and b is not None and b.enabled:
                 log.info("revoking unit %s at the broker", unit.device_id)
                 self.broker.revoke(unit.device_id, cert_from_pem(unit.certificate_pem.encode()))
+        if self.accounts is not None:  # owner bindings and resets the units must still hear
+            self.accounts.reconcile()
 
     def _reconcile_loop(self) -> None:
         while not self._stop.wait(RECONCILE_INTERVAL):

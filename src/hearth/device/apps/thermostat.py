@@ -61,6 +61,7 @@ class ThermostatApp(ControlLoop):
         self.heater_power = heater_power
         self._temperature = _clamp(temperature, -40.0, 85.0)
         self._target = float(target)
+        self._factory_target = float(target)
         self._heater = False
         self._humidity = 45.0
         self._rng = random.Random(seed)  # noqa: S311 - simulation noise, not security
@@ -111,6 +112,12 @@ class ThermostatApp(ControlLoop):
         assert isinstance(target, int | float)  # checked by check_command
         with self._lock:
             self._target = float(target)
+            self._control()
+
+    def reset_user_data(self) -> None:
+        """Factory reset: the owner's setting (the target) goes back to the factory value."""
+        with self._lock:
+            self._target = self._factory_target
             self._control()
 
     def set_target_locally(self, target: float) -> None:

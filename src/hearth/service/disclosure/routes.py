@@ -578,6 +578,8 @@ def create_router(service: DisclosureService) -> APIRouter:
 
     # --- triage: authentication ---------------------------------------------------------
     def team_from_cookie(request: Request) -> str | None:
+        if svc.team_session is not None:  # security-team accounts replace pasted tokens
+            return svc.team_session(request)
         raw = request.cookies.get(triage_cookie)
         payload = svc.signer.unsign("triage-session", raw) if raw else None
         if payload is None or payload.count("~") != 1:
@@ -611,10 +613,14 @@ def create_router(service: DisclosureService) -> APIRouter:
 
     @router.get("/security/triage/login", dependencies=public, include_in_schema=False)
     def login_form(request: Request) -> Response:
+        if svc.team_session is not None:
+            return RedirectResponse("/account/sign-in?next=/security/triage", status_code=303)
         return svc.templates.render(request, "triage_login.html", {}, no_store=True)
 
     @router.post("/security/triage/login", dependencies=public, include_in_schema=False)
     async def login(request: Request) -> Response:
+        if svc.team_session is not None:
+            return RedirectResponse("/account/sign-in?next=/security/triage", status_code=303)
         try:
             limit(svc.login_limiter, request, "login")
             form = await parse_form(request, await read_body(request))
@@ -656,6 +662,8 @@ def create_router(service: DisclosureService) -> APIRouter:
         return resp
 
     def to_login() -> Response:
+        if svc.team_session is not None:
+            return RedirectResponse("/account/sign-in?next=/security/triage", status_code=303)
         return RedirectResponse("/security/triage/login", status_code=303)
 
     # --- triage: HTML -------------------------------------------------------------------
@@ -996,7 +1004,8 @@ def create_router(service: DisclosureService) -> APIRouter:
         return svc.templates.render(request, "product.html", {
             "model": model, "name": svc.models[model],
             "description": svc.model_descriptions.get(model, ""), "advisories": items,
-            "cfg": cfg, "support_period": None,
+            "cfg": cfg,
+            "support_period": svc.support_period(model) if svc.support_period else None,
         })
 
     # --- CSAF distribution ----------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
@@ -59,8 +60,17 @@ class DisclosureService:
         clock: Callable[[], dt.datetime] = utc_now,
         models: Mapping[str, str] | None = None,
         model_descriptions: Mapping[str, str] | None = None,
+        support_period: Callable[[str], Any] | None = None,
+        team_session: Callable[[Any], str | None] | None = None,
     ) -> None:
         self.config = config
+        self.team_session = team_session
+        """``request -> actor | None``: a signed-in security-team account (accounts
+        capability, TOTP included). When set, it replaces pasting an operator token into
+        the triage sign-in page; the JSON triage API keeps using tokens."""
+        self.support_period = support_period
+        """``model -> Markup | None``: the product page's support-period section (filled in
+        by the updates capability, :func:`hearth.service.updates.web.support_period_provider`)."""
         self.sessions = sessions
         self.clock = clock
         self.models: dict[str, str] = dict(models or default_models())

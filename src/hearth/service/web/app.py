@@ -49,7 +49,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-WEB_API_PREFIXES = ("/api/v1/disclosure/",)
+WEB_API_PREFIXES = ("/api/v1/disclosure/", "/api/v1/account/")
 """JSON paths under ``/api/v1`` that belong to the web app (no operator-API middleware)."""
 
 
