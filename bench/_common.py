@@ -1,0 +1,260 @@
+"""Helpers shared by the benchmarks in ``bench/`` (not part of Hearth's API).
+
+Everything here keeps to loopback addresses and cleans up after itself: temporary
+directories, child processes and temporary PostgreSQL databases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import multiprocessing as mp
+import os
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from hearth.factory import Endpoint, MintedUnit, mint
+from hearth.pki import MakerPKI
+
+__all__ = [
+    "DEFAULT_PG_URL",
+    "BenchTimeout",
+    "PgUnavailable",
+    "clean_mqtt_session",
+    "free_port",
+    "machine_load",
+    "mint_units",
+    "raise_fd_limit",
+    "say",
+    "stop_processes",
+    "temp_pg_database",
+    "temp_root",
+    "watchdog",
+]
+
+DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+_T0 = time.monotonic()
+
+
+def say(message: str) -> None:
+    """Print a progress line with the seconds since the benchmark started."""
+    print(f"[{time.monotonic() - _T0:7.1f}s] {message}", flush=True)
+
+
+def machine_load() -> str:
+    """CPU count and load averages, to put the figures in context."""
+    one, five, fifteen = os.getloadavg()
+    return f"{os.cpu_count()} CPUs, load average {one:.2f} / {five:.2f} / {fifteen:.2f}"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft open-files limit to the hard one (inherited by Mosquitto)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+class BenchTimeout(Exception):
+    """The benchmark ran past its own time limit (``--timeout``)."""
+
+
+@contextlib.contextmanager
+def watchdog(seconds: float) -> Iterator[None]:
+    """Raise :class:`BenchTimeout` in the main thread after ``seconds``; SIGTERM raises
+    ``KeyboardInterrupt``. Either way the caller's ``finally`` blocks clean up."""
+
+    def on_alarm(_signum: int, _frame: FrameType | None) -> None:
+        raise BenchTimeout(f"the benchmark exceeded its time limit of {seconds:.0f}s")
+
+    def on_term(_signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    old_alarm = signal.signal(signal.SIGALRM, on_alarm)
+    old_term = signal.signal(signal.SIGTERM, on_term)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_alarm)
+        signal.signal(signal.SIGTERM, old_term)
+
+
+@contextlib.contextmanager
+def temp_root(prefix: str, *, keep: bool = False) -> Iterator[Path]:
+    """A private temporary directory, removed at the end unless ``keep``."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield root
+    finally:
+        if keep:
+            say(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def stop_processes(processes: list[BaseProcess], timeout: float = 5.0) -> None:
+    """Terminate (then kill) the benchmark's own child processes."""
+    for p in processes:
+        if p.is_alive():
+            with contextlib.suppress(Exception):
+                p.terminate()
+    deadline = time.monotonic() + timeout
+    for p in processes:
+        p.join(max(0.1, deadline - time.monotonic()))
+        if p.is_alive():
+            with contextlib.suppress(Exception):
+                p.kill()
+            p.join(2)
+
+
+# --- minting -------------------------------------------------------------------------------
+def _mint_part(pki_dir: str, model: str, count: int, out: str, endpoint: Endpoint) -> list[
+        tuple[str, str, str]]:
+    pki = MakerPKI.load(Path(pki_dir))
+    units = mint(pki, model=model, count=count, out=Path(out), endpoint=endpoint, labels=False)
+    return [(u.device_id, u.model, str(u.directory)) for u in units]
+
+
+def mint_units(pki: MakerPKI, models: dict[str, int], out: Path, endpoint: Endpoint,
+               processes: int) -> tuple[dict[str, Any], list[MintedUnit]]:
+    """Mint units in parallel (``hearth.factory.mint``, ``labels=False``).
+
+    Each process mints into its own ``out/part-N`` directory (argon2 and scrypt hashing of
+    the setup code dominate: tens of ms per unit). Returns one merged manifest (what
+    ``hearth fleet import`` would read) and the minted units.
+    """
+    from hearth.factory import load_manifest
+
+    jobs: list[tuple[str, int, Path]] = []
+    n = 0
+    for model, count in models.items():
+        per = max(1, -(-count // processes))
+        left = count
+        while left > 0:
+            k = min(per, left)
+            jobs.append((model, k, out / f"part-{n}"))
+            n += 1
+            left -= k
+    units: list[MintedUnit] = []
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=max(1, processes), mp_context=ctx) as pool:
+        futures = [pool.submit(_mint_part, str(pki.directory), model, k, str(d), endpoint)
+                   for model, k, d in jobs]
+        for f in futures:
+            units += [MintedUnit(i, m, Path(d)) for i, m, d in f.result()]
+    merged: dict[str, Any] = {"format": 1, "batch_id": secrets.token_hex(8), "units": []}
+    for _, _, d in jobs:
+        merged["units"] += load_manifest(d)["units"]
+    return merged, units
+
+
+# --- PostgreSQL ----------------------------------------------------------------------------
+class PgUnavailable(Exception):
+    """PostgreSQL cannot be used (unreachable, not loopback, no psycopg)."""
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host is None or host.startswith("/"):
+        return True  # a Unix socket
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@contextlib.contextmanager
+def temp_pg_database(url: str) -> Iterator[str]:
+    """Create a temporary database on the server of ``url``; yield its URL; drop it.
+
+    ``url`` names an existing database to connect to for ``CREATE DATABASE``
+    (``postgres`` or ``test``). Raises :class:`PgUnavailable` if the server cannot be
+    reached or is not on a loopback address.
+    """
+    try:
+        import psycopg
+        from sqlalchemy.engine import make_url
+    except ImportError as e:  # pragma: no cover - psycopg is a Hearth dependency
+        raise PgUnavailable(f"psycopg is not installed: {e}") from e
+    try:
+        parsed = make_url(url)
+    except Exception as e:
+        raise PgUnavailable(f"not a database URL: {e}") from e
+    if not parsed.get_backend_name().startswith("postgresql"):
+        raise PgUnavailable(f"not a PostgreSQL URL: {parsed.get_backend_name()}")
+    if not _is_loopback(parsed.host):
+        raise PgUnavailable(f"{parsed.host} is not a loopback address; benchmarks stay local")
+    params: dict[str, Any] = {
+        "host": parsed.host, "port": parsed.port, "user": parsed.username,
+        "password": parsed.password, "dbname": parsed.database or "postgres",
+        "connect_timeout": 5, "autocommit": True,
+    }
+    params = {k: v for k, v in params.items() if v is not None}
+    name = f"hearth_bench_{secrets.token_hex(6)}"
+    try:
+        with psycopg.connect(**params) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.Error as e:
+        raise PgUnavailable(f"{type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
+    say(f"created temporary PostgreSQL database {name}")
+    try:
+        yield parsed.set(drivername="postgresql+psycopg", database=name).render_as_string(
+            hide_password=False)
+    finally:
+        try:
+            with psycopg.connect(**params) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            say(f"dropped temporary PostgreSQL database {name}")
+        except psycopg.Error as e:
+            print(f"WARNING: could not drop database {name}: {e}", file=sys.stderr)
+
+
+# --- MQTT sessions -------------------------------------------------------------------------
+def clean_mqtt_session(identity: Any, client_id: str, timeout: float = 10.0) -> bool:
+    """Discard the broker's persistent session of ``client_id`` (connect with clean start
+    and no session expiry, then disconnect). ``identity`` is an ``MqttIdentity``."""
+    from hearth.service.mqtt import make_client
+
+    client = make_client(identity, client_id=client_id, clean_start=True, session_expiry=0)
+    acked: list[bool] = []
+    client.on_connect = lambda _c, _u, _f, rc, _p: acked.append(not rc.is_failure)
+    try:
+        client.reconnect()
+        deadline = time.monotonic() + timeout
+        while not acked and time.monotonic() < deadline:
+            client.loop(0.05)
+        client.disconnect()
+        client.loop(0.05)
+        return bool(acked and acked[0])
+    except OSError:
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            sock = client.socket()
+            if sock is not None:
+                sock.close()
