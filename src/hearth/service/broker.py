@@ -228,8 +228,14 @@ class BrokerLimits:
     """Largest MQTT packet accepted: a 16 KiB payload plus topic, properties and header."""
     max_inflight_messages: int = 100
     """Unacknowledged QoS 1 messages in flight to one client."""
-    max_queued_messages: int = 10_000
-    """QoS 1 messages queued for one client (offline persistent session or busy ingest)."""
+    max_queued_messages: int = 1_000_000
+    """QoS 1 messages queued for one client (offline persistent session or busy ingest).
+
+    Mosquitto PUBACKs a unit's message and then drops it when the receiving session's
+    queue is full (measured: a paused ingest session got exactly 10,000 + 1,000 in flight
+    of 15,000 acknowledged messages). Ingest sessions must be able to hold a whole fleet's
+    backlog after an outage, so this is large; it costs broker memory only when ingest
+    falls behind (roughly 0.5 KB a message)."""
     autosave_interval: int = 60
     """Seconds between persistence snapshots (Mosquitto also saves on a clean stop)."""
     persistent_client_expiration_days: int = 30
