@@ -485,7 +485,9 @@ def test_a_poison_message_cannot_stall_the_stream(
 
     def poison(statement: str, params: Any) -> bool:
         values = params.values() if isinstance(params, dict) else params or ()
-        return "INSERT INTO telemetry" in statement and 666 in list(values)
+        # PostgreSQL batches bind one array per column; SQLite binds scalars
+        flat = [x for v in values for x in (v if isinstance(v, list) else [v])]
+        return "INSERT INTO telemetry" in statement and 666 in flat
 
     outage = _Outage(sf, transient=False, when=poison)
     outage.on = True

@@ -46,10 +46,12 @@ from __future__ import annotations
 import base64
 import collections
 import datetime as dt
+import gc
 import hashlib
 import json
 import logging
 import queue
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -119,6 +121,9 @@ UNIT_CACHE_TTL = 30.0
 UNKNOWN_CACHE_TTL = 5.0
 UNIT_CACHE_MAX = 100_000
 _INSERT_CHUNK = 500
+_PUBACK = 0x40
+_PUBACK_PACKET = struct.Struct("!BBH").pack
+_PUBACKS_PER_WRITE = 4096
 
 _Kind = Literal["telemetry", "event", "cmd/result", ""]
 
@@ -139,7 +144,7 @@ class _UnitInfo:
     active: bool
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
     topic: str
     received_at: dt.datetime
@@ -159,6 +164,11 @@ class _Entry:
         self.reason, self.detail = reason, detail
         self.msg, self.raw, self.deferred = None, None, False
 
+    def copy(self) -> _Entry:
+        return _Entry(self.topic, self.received_at, self.ack, self.size, self.excerpt,
+                      self.device_id, self.kind, self.reason, self.detail, self.msg,
+                      self.digest, self.raw, self.deferred)
+
 
 def _clean(text: str, limit: int) -> str:
     """Printable, encodable and bounded: safe for any database text column and for logs."""
@@ -169,12 +179,22 @@ def _clean(text: str, limit: int) -> str:
     return "".join(c if c.isprintable() else "?" for c in text[:limit])
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
+_sha256 = hashlib.sha256
+
+
 def _digest(msg: protocol.Telemetry | protocol.Event | protocol.CommandResult) -> str:
-    """SHA-256 of the canonical form: equal for a redelivery however it was re-encoded."""
-    data = msg.model_dump(mode="python")
-    data["ts"] = msg.ts.astimezone(dt.UTC).isoformat()
-    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    """SHA-256 of the canonical form: equal for a redelivery however it was re-encoded.
+
+    The canonical form is the JSON (sorted keys, no spaces) of the message's fields with
+    ``ts`` in UTC ISO 8601. It is stored with the row, so it must never change: the
+    messages are flat pydantic models (no aliases, no nested models), so their field
+    dict is what ``model_dump(mode="python")`` would give (a test pins the equality).
+    """
+    data = dict(msg.__dict__)
+    ts = msg.ts
+    data["ts"] = (ts if ts.tzinfo is dt.UTC else ts.astimezone(dt.UTC)).isoformat()
+    return _sha256(_CANONICAL.encode(data).encode()).hexdigest()
 
 
 def _has_nul(msg: protocol.Event | protocol.CommandResult) -> bool:
@@ -184,6 +204,122 @@ def _has_nul(msg: protocol.Event | protocol.CommandResult) -> bool:
     else:
         texts = (msg.reason, msg.detail)
     return any("\x00" in t for t in texts)
+
+def _utc(ts: dt.datetime) -> dt.datetime:
+    return ts if ts.tzinfo is dt.UTC else ts.astimezone(dt.UTC)
+
+
+class _LockedUnit:
+    """The columns of a unit row locked by a write transaction, and what it changes."""
+
+    __slots__ = ("last_seen_at", "latest_seq", "latest_state", "latest_ts", "model",
+                 "new_state", "status")
+
+    def __init__(self, model: str, status: str, last_seen_at: dt.datetime | None,
+                 latest_seq: int | None, latest_state: dict[str, Any] | None) -> None:
+        self.model, self.status = model, status
+        self.last_seen_at, self.latest_seq, self.latest_state = (
+            last_seen_at, latest_seq, latest_state)
+        self.latest_ts: dt.datetime | None = None
+        self.new_state: dict[str, Any] | None = None
+
+
+def _table(model: type[Any]) -> sa.Table:
+    table = model.__table__
+    assert isinstance(table, sa.Table)
+    return table
+
+
+_UNITS = _table(Unit)
+_TELEMETRY = _table(TelemetryRow)
+_EVENTS = _table(EventRow)
+_COUNTERS = _table(IngestCounter)
+_TEXT_ARRAY = pg_dialect.ARRAY(sa.Text())
+if (_UNITS.name, _TELEMETRY.name, _EVENTS.name, _COUNTERS.name) != (
+        "units", "telemetry", "events", "ingest_counters"):  # pragma: no cover
+    raise RuntimeError("ingest's PostgreSQL statements name tables that were renamed")
+
+# PostgreSQL: one array parameter per column; the statements are short and fixed, so
+# psycopg parses each once and prepares it on the server.
+_PG_INSERT_TELEMETRY = """\
+WITH v AS (
+  SELECT * FROM unnest(%b::text[], %b::bigint[], %b::timestamptz[], %b::timestamptz[],
+                       %b::text[], %b::jsonb[])
+    AS v(device_id, seq, ts, received_at, digest, readings)
+), ins AS (
+  INSERT INTO telemetry (device_id, seq, ts, received_at, digest, readings)
+  SELECT * FROM v
+  ON CONFLICT (device_id, seq) DO NOTHING
+  RETURNING device_id, seq
+)
+SELECT v.device_id, v.seq FROM v LEFT JOIN ins USING (device_id, seq) WHERE ins.seq IS NULL"""
+_PG_INSERT_EVENTS = """\
+WITH v AS (
+  SELECT * FROM unnest(%b::text[], %b::bigint[], %b::timestamptz[], %b::timestamptz[],
+                       %b::text[], %b::text[], %b::text[])
+    AS v(device_id, seq, ts, received_at, digest, kind, detail)
+), ins AS (
+  INSERT INTO events (device_id, seq, ts, received_at, digest, kind, detail)
+  SELECT * FROM v
+  ON CONFLICT (device_id, seq) DO NOTHING
+  RETURNING device_id, seq
+)
+SELECT v.device_id, v.seq FROM v LEFT JOIN ins USING (device_id, seq) WHERE ins.seq IS NULL"""
+# (both return the keys that were *not* inserted: usually none, so nothing to fetch)
+_PG_SELECT_DIGESTS = {
+    "telemetry": """\
+SELECT t.device_id, t.seq, t.digest
+FROM telemetry AS t JOIN unnest(%b::text[], %b::bigint[]) AS k(device_id, seq)
+  ON t.device_id = k.device_id AND t.seq = k.seq""",
+    "events": """\
+SELECT t.device_id, t.seq, t.digest
+FROM events AS t JOIN unnest(%b::text[], %b::bigint[]) AS k(device_id, seq)
+  ON t.device_id = k.device_id AND t.seq = k.seq""",
+}
+_PG_UPDATE_UNITS = """\
+UPDATE units AS u SET
+  last_seen_at = v.seen,
+  latest_seq = CASE WHEN v.state IS NULL THEN u.latest_seq ELSE v.seq END,
+  latest_ts = CASE WHEN v.state IS NULL THEN u.latest_ts ELSE v.ts END,
+  latest_state = COALESCE(v.state, u.latest_state)
+FROM unnest(%b::text[], %b::timestamptz[], %b::bigint[], %b::timestamptz[], %b::jsonb[])
+  AS v(device_id, seen, seq, ts, state)
+WHERE u.device_id = v.device_id"""
+_PG_UPSERT_COUNTERS = """\
+INSERT INTO ingest_counters (device_id, reason, "count")
+SELECT * FROM unnest(%b::text[], %b::text[], %b::bigint[])
+ON CONFLICT (device_id, reason) DO UPDATE
+SET "count" = ingest_counters."count" + excluded."count\""""
+
+
+def _sqlite_insert_series(table: sa.Table) -> Any:
+    return (sqlite_dialect.insert(table)
+            .on_conflict_do_nothing(index_elements=["device_id", "seq"])
+            .returning(table.c.device_id, table.c.seq))
+
+
+def _sqlite_upsert_counters() -> Any:
+    stmt = sqlite_dialect.insert(_COUNTERS)
+    return stmt.on_conflict_do_update(
+        index_elements=["device_id", "reason"],
+        set_={"count": _COUNTERS.c["count"] + stmt.excluded["count"]},
+    )
+
+
+# SQLite: cached statements run as executemany (one writer at a time; no array types).
+_SQLITE_INSERT_SERIES = {t.name: _sqlite_insert_series(t) for t in (_TELEMETRY, _EVENTS)}
+_SQLITE_UPSERT_COUNTERS = _sqlite_upsert_counters()
+_SQLITE_UPDATE_SEEN = (
+    sa.update(_UNITS).where(_UNITS.c.device_id == sa.bindparam("_d"))
+    .values(last_seen_at=sa.bindparam("_seen", type_=_UNITS.c.last_seen_at.type))
+)
+_SQLITE_UPDATE_STATE = (
+    sa.update(_UNITS).where(_UNITS.c.device_id == sa.bindparam("_d"))
+    .values(last_seen_at=sa.bindparam("_seen", type_=_UNITS.c.last_seen_at.type),
+            latest_seq=sa.bindparam("_seq", type_=_UNITS.c.latest_seq.type),
+            latest_ts=sa.bindparam("_ts", type_=_UNITS.c.latest_ts.type),
+            latest_state=sa.bindparam("_state", type_=_UNITS.c.latest_state.type))
+)
 
 
 class _UnitCache:
@@ -276,6 +412,7 @@ class IngestCore:
         self._batch: list[_Entry] = []
         self._first_pending_at = 0.0
         self._stats = _Stats()
+        self._accepted_outcomes: dict[str, Outcome] = {}
 
     # -- intake ---------------------------------------------------------------------------
 
@@ -297,19 +434,29 @@ class IngestCore:
             log.exception("ingest: unexpected error classifying a message")
             entry = _Entry(topic="?", received_at=utcnow(), ack=ack, size=0, excerpt=b"",
                            reason=INTERNAL_ERROR, detail="internal error while classifying")
-        if not self._batch:
+        batch = self._batch
+        if not batch:
             self._first_pending_at = self._clock()
-        self._batch.append(entry)
+        batch.append(entry)
         self._stats.received += 1
+        if entry.reason == ACCEPTED and entry.device_id is not None:
+            outcome = self._accepted_outcomes.get(entry.device_id)
+            if outcome is None:  # immutable: one per unit, reused
+                if len(self._accepted_outcomes) >= UNIT_CACHE_MAX:
+                    self._accepted_outcomes.clear()
+                outcome = Outcome(ACCEPTED, entry.device_id)
+                self._accepted_outcomes[entry.device_id] = outcome
+            return outcome
         return Outcome(entry.reason, entry.device_id, entry.detail)
 
     def _intake(
         self, topic: object, payload: object, received_at: object, ack: object
     ) -> _Entry:
         if isinstance(received_at, dt.datetime):
-            if received_at.tzinfo is None or received_at.utcoffset() is None:
-                received_at = received_at.replace(tzinfo=dt.UTC)
-            received_at = received_at.astimezone(dt.UTC)
+            if received_at.tzinfo is not dt.UTC:
+                if received_at.tzinfo is None or received_at.utcoffset() is None:
+                    received_at = received_at.replace(tzinfo=dt.UTC)
+                received_at = received_at.astimezone(dt.UTC)
         else:
             received_at = utcnow()
         if isinstance(topic, bytes | bytearray):
@@ -319,17 +466,17 @@ class IngestCore:
             payload = bytes(payload)
         raw = payload if isinstance(payload, bytes) else b""
         entry = _Entry(
-            topic=_clean(topic_text, TOPIC_MAX),
-            received_at=received_at,
-            ack=ack,
-            size=len(raw),
-            excerpt=raw[: self._excerpt_bytes],
+            _clean(topic_text, TOPIC_MAX),
+            received_at,
+            ack,
+            len(raw),
+            raw[: self._excerpt_bytes],
         )
         if not isinstance(payload, bytes):
             entry.refuse(Reason.MALFORMED_JSON, "payload is not bytes")
             return entry
         try:
-            device_id, _ = protocol.parse_topic(topic_text)
+            device_id, kind = protocol.parse_topic(topic_text)
         except ValidationError as e:
             entry.refuse(e.reason, e.detail)
             return entry
@@ -342,16 +489,12 @@ class IngestCore:
             entry.raw = raw[: MAX_PAYLOAD_BYTES + 1]
             entry.deferred = True
             return entry
-        self._classify(entry, topic_text, raw, unit)
+        self._classify(entry, device_id, kind, raw, unit)
         return entry
 
-    def _classify(self, entry: _Entry, topic: str, raw: bytes, unit: _UnitInfo | None) -> None:
+    def _classify(self, entry: _Entry, device_id: str, kind: str, raw: bytes,
+                  unit: _UnitInfo | None) -> None:
         """Fill in ``entry`` from a topic that parsed and the unit it names (or None)."""
-        try:
-            device_id, kind = protocol.parse_topic(topic)
-        except ValidationError as e:  # pragma: no cover - checked by the caller
-            entry.refuse(e.reason, e.detail)
-            return
         entry.deferred, entry.raw = False, None
         if unit is None:
             entry.device_id = None
@@ -361,9 +504,6 @@ class IngestCore:
         if not unit.active:
             entry.refuse(Reason.REVOKED, "unit is revoked")
             return
-        if kind not in INGEST_KINDS:
-            entry.refuse(Reason.UNKNOWN_TOPIC, "units do not publish on this topic")
-            return
         now = entry.received_at
         msg: protocol.Telemetry | protocol.Event | protocol.CommandResult
         try:
@@ -372,13 +512,16 @@ class IngestCore:
                                                model=unit.model, now=now)
             elif kind == "event":
                 msg = protocol.parse_event(raw, topic_device_id=device_id, now=now)
-            else:
+            elif kind == "cmd/result":
                 msg = protocol.parse_command_result(raw, topic_device_id=device_id,
                                                     model=unit.model, now=now)
+            else:
+                entry.refuse(Reason.UNKNOWN_TOPIC, "units do not publish on this topic")
+                return
         except ValidationError as e:
             entry.refuse(e.reason, e.detail)
             return
-        if not isinstance(msg, protocol.Telemetry) and _has_nul(msg):
+        if kind != "telemetry" and _has_nul(msg):  # type: ignore[arg-type]
             entry.refuse(Reason.INVALID_SCHEMA, "text must not contain NUL characters")
             return
         entry.kind = cast(_Kind, kind)
@@ -468,19 +611,32 @@ class IngestCore:
         return acks
 
     # -- the write transaction ------------------------------------------------------------
+    #
+    # Core statements only (no ORM units of work on the hot path). On PostgreSQL the bulk
+    # statements take one array parameter per column (``unnest``): one short statement per
+    # table and batch, whatever the batch size, so psycopg parses it once and the server
+    # runs it as a prepared statement. On SQLite (one writer at a time) SQLAlchemy's cached
+    # executemany / multi-row statements are used.
 
     def _write(self, batch: Sequence[_Entry]) -> list[_Entry]:
         """One transaction for ``batch``; returns the final entries (copies), unchanged
         input on failure."""
-        entries = [replace(e) for e in batch]
+        entries = [e.copy() for e in batch]
         with self._sf() as session, session.begin():
             begin_write(session)
-            units = self._lock_units(session, entries)
+            conn = session.connection()
+            pg = conn.dialect.name == "postgresql"
+            units = self._lock_units(conn, pg, entries)
             for e in entries:
                 if e.deferred and e.raw is not None:
                     row = units.get(e.device_id) if e.device_id else None
                     info = _unit_info(row.model, row.status) if row is not None else None
-                    self._classify(e, e.topic, e.raw, info)
+                    try:
+                        device_id, kind = protocol.parse_topic(e.topic)
+                    except ValidationError as err:  # pragma: no cover - parsed at intake
+                        e.refuse(err.reason, err.detail)
+                        continue
+                    self._classify(e, device_id, kind, e.raw, info)
                 elif e.reason == ACCEPTED and e.device_id is not None:
                     # authoritative re-check inside the transaction (revoked since cached?)
                     row = units.get(e.device_id)
@@ -491,35 +647,41 @@ class IngestCore:
                         e.refuse(Reason.REVOKED, "unit is revoked")
             for did, row in units.items():
                 self._units.put(did, _unit_info(row.model, row.status))
-            accepted_tel = self._store_series(session, entries, "telemetry", TelemetryRow)
-            self._store_series(session, entries, "event", EventRow)
-            self._store_results(session, entries)
-            self._update_units(session, units, entries, accepted_tel)
-            self._store_quarantine(session, entries)
-            self._count(session, entries)
+            accepted_tel = self._store_series(conn, pg, entries, "telemetry", TelemetryRow)
+            self._store_series(conn, pg, entries, "event", EventRow)
+            if any(e.kind == "cmd/result" for e in entries):
+                self._store_results(session, entries)
+            self._update_units(conn, pg, units, entries, accepted_tel)
+            self._store_quarantine(conn, entries)
+            self._count(conn, pg, entries)
         return entries
 
     @staticmethod
-    def _lock_units(session: Session, entries: Sequence[_Entry]) -> dict[str, Unit]:
+    def _lock_units(conn: sa.Connection, pg: bool,
+                    entries: Sequence[_Entry]) -> dict[str, _LockedUnit]:
         ids = sorted({e.device_id for e in entries if e.device_id is not None})
-        units: dict[str, Unit] = {}
-        for start in range(0, len(ids), _INSERT_CHUNK):
-            chunk = ids[start:start + _INSERT_CHUNK]
-            stmt = (sa.select(Unit).where(Unit.device_id.in_(chunk))
-                    .order_by(Unit.device_id).with_for_update())
-            for unit in session.scalars(stmt):
-                units[unit.device_id] = unit
+        units: dict[str, _LockedUnit] = {}
+        if not ids:
+            return units
+        t = _UNITS
+        cols = (t.c.device_id, t.c.model, t.c.status, t.c.last_seen_at, t.c.latest_seq,
+                t.c.latest_state)
+        if pg:  # one array parameter: the same short statement for any number of units
+            chunks = [ids]
+            where = t.c.device_id == sa.any_(sa.bindparam("ids", type_=_TEXT_ARRAY))
+        else:
+            chunks = [ids[i:i + _INSERT_CHUNK] for i in range(0, len(ids), _INSERT_CHUNK)]
+            where = t.c.device_id.in_(sa.bindparam("ids", expanding=True))
+        stmt = sa.select(*cols).where(where).order_by(t.c.device_id).with_for_update()
+        for chunk in chunks:
+            for r in conn.execute(stmt, {"ids": chunk}):
+                units[r[0]] = _LockedUnit(r[1], r[2], r[3], r[4], r[5])
         return units
-
-    @staticmethod
-    def _insert(session: Session, table: sa.Table) -> Any:
-        if session.get_bind().dialect.name == "postgresql":
-            return pg_dialect.insert(table)
-        return sqlite_dialect.insert(table)
 
     def _store_series(
         self,
-        session: Session,
+        conn: sa.Connection,
+        pg: bool,
         entries: Sequence[_Entry],
         kind: str,
         model: type[TelemetryRow] | type[EventRow],
@@ -542,24 +704,15 @@ class IngestCore:
             return []
         table = model.__table__
         assert isinstance(table, sa.Table)
-        ordered = sorted(first.items())
-        inserted: set[tuple[str, int]] = set()
-        # One cached statement run as "executemany": SQLAlchemy batches it into multi-row
-        # INSERT ... ON CONFLICT DO NOTHING RETURNING (insertmanyvalues). Rows that hit the
-        # unique (device_id, seq) constraint return nothing; they are resolved below.
-        stmt = (self._insert(session, table)
-                .on_conflict_do_nothing(index_elements=["device_id", "seq"])
-                .returning(table.c.device_id, table.c.seq))
-        result = session.execute(stmt, [self._series_row(e) for _, e in ordered])
-        inserted.update((r[0], r[1]) for r in result)
-        conflicted = [k for k, _ in ordered if k not in inserted]
-        stored: dict[tuple[str, int], str] = {}
-        for start in range(0, len(conflicted), _INSERT_CHUNK):
-            chunk_keys = conflicted[start:start + _INSERT_CHUNK]
-            stmt2 = sa.select(table.c.device_id, table.c.seq, table.c.digest).where(
-                sa.tuple_(table.c.device_id, table.c.seq).in_(chunk_keys)
-            )
-            stored.update(((r[0], r[1]), r[2]) for r in session.execute(stmt2))
+        ordered = sorted(first.items())  # a fixed order: index locks taken in key order
+        if pg:
+            conflicted = self._insert_series_pg(conn, table, kind, ordered)
+        else:
+            inserted = self._insert_series_sqlite(conn, table, ordered)
+            conflicted = [k for k, _ in ordered if k not in inserted]
+        if not conflicted:
+            return [e for _, e in ordered]
+        stored = self._stored_digests(conn, pg, table, conflicted)
         for key in conflicted:
             e = first[key]
             if stored.get(key) == e.digest:
@@ -567,25 +720,70 @@ class IngestCore:
             else:
                 e.refuse(Reason.REPLAYED_SEQUENCE,
                          f"seq {key[1]} was already used for different content")
-        return [e for k, e in ordered if k in inserted]
+        refused = set(conflicted)
+        return [e for k, e in ordered if k not in refused]
 
     @staticmethod
-    def _series_row(e: _Entry) -> dict[str, Any]:
-        msg = e.msg
-        assert msg is not None and not isinstance(msg, protocol.CommandResult)
-        row: dict[str, Any] = {
-            "device_id": e.device_id,
-            "seq": msg.seq,
-            "ts": msg.ts.astimezone(dt.UTC),
-            "received_at": e.received_at,
-            "digest": e.digest,
-        }
-        if isinstance(msg, protocol.Telemetry):
-            row["readings"] = dict(msg.readings)
+    def _insert_series_pg(conn: sa.Connection, table: sa.Table, kind: str,
+                          ordered: Sequence[tuple[tuple[str, int], _Entry]]
+                          ) -> list[tuple[str, int]]:
+        """Insert; returns the keys that were already stored (conflicts), in order."""
+        dumps = json.dumps
+        device_ids = [k[0] for k, _ in ordered]
+        seqs = [k[1] for k, _ in ordered]
+        tss = [_utc(e.msg.ts) for _, e in ordered]  # type: ignore[union-attr]
+        received = [e.received_at for _, e in ordered]
+        digests = [e.digest for _, e in ordered]
+        if kind == "telemetry":
+            extra = [[dumps(e.msg.readings) for _, e in ordered]]  # type: ignore[union-attr]
+            sql = _PG_INSERT_TELEMETRY
         else:
-            row["kind"] = msg.kind
-            row["detail"] = msg.detail
-        return row
+            extra = [[e.msg.kind for _, e in ordered],  # type: ignore[union-attr]
+                     [e.msg.detail for _, e in ordered]]  # type: ignore[union-attr]
+            sql = _PG_INSERT_EVENTS
+        assert table.name in sql
+        result = conn.exec_driver_sql(sql, (device_ids, seqs, tss, received, digests, *extra))
+        conflicted = {(r[0], r[1]) for r in result}
+        return [k for k, _ in ordered if k in conflicted]
+
+    @staticmethod
+    def _insert_series_sqlite(conn: sa.Connection, table: sa.Table,
+                              ordered: Sequence[tuple[tuple[str, int], _Entry]]
+                              ) -> set[tuple[str, int]]:
+        # One cached statement run as "executemany": SQLAlchemy batches it into multi-row
+        # INSERT ... ON CONFLICT DO NOTHING RETURNING (insertmanyvalues). Rows that hit the
+        # unique (device_id, seq) constraint return nothing; the caller resolves them.
+        stmt = _SQLITE_INSERT_SERIES[table.name]
+        rows: list[dict[str, Any]] = []
+        for (device_id, seq), e in ordered:
+            msg = e.msg
+            row: dict[str, Any] = {"device_id": device_id, "seq": seq, "ts": msg.ts,  # type: ignore[union-attr]
+                                   "received_at": e.received_at, "digest": e.digest}
+            if isinstance(msg, protocol.Telemetry):
+                row["readings"] = msg.readings
+            else:
+                assert isinstance(msg, protocol.Event)
+                row["kind"] = msg.kind
+                row["detail"] = msg.detail
+            rows.append(row)
+        return {(r[0], r[1]) for r in conn.execute(stmt, rows)}
+
+    @staticmethod
+    def _stored_digests(conn: sa.Connection, pg: bool, table: sa.Table,
+                        keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], str]:
+        stored: dict[tuple[str, int], str] = {}
+        if pg:
+            sql = _PG_SELECT_DIGESTS[table.name]
+            result = conn.exec_driver_sql(sql, ([k[0] for k in keys], [k[1] for k in keys]))
+            stored.update(((r[0], r[1]), r[2]) for r in result)
+            return stored
+        for start in range(0, len(keys), _INSERT_CHUNK):
+            chunk_keys = keys[start:start + _INSERT_CHUNK]
+            stmt = sa.select(table.c.device_id, table.c.seq, table.c.digest).where(
+                sa.tuple_(table.c.device_id, table.c.seq).in_(chunk_keys)
+            )
+            stored.update(((r[0], r[1]), r[2]) for r in conn.execute(stmt))
+        return stored
 
     @staticmethod
     def _store_results(session: Session, entries: Sequence[_Entry]) -> None:
@@ -622,35 +820,60 @@ class IngestCore:
 
     @staticmethod
     def _update_units(
-        session: Session,
-        units: dict[str, Unit],
+        conn: sa.Connection,
+        pg: bool,
+        units: dict[str, _LockedUnit],
         entries: Sequence[_Entry],
         stored_telemetry: Sequence[_Entry],
     ) -> None:
+        """Last seen time of every unit heard from; latest state (readings merged in
+        sequence order) of those with newly stored telemetry. One statement per batch."""
+        changed: dict[str, _LockedUnit] = {}
         for e in entries:
-            if e.device_id is None:
+            device_id = e.device_id
+            if device_id is None:
                 continue
-            unit = units.get(e.device_id)
+            unit = units.get(device_id)
             if unit is not None and (unit.last_seen_at is None
                                      or e.received_at > unit.last_seen_at):
                 unit.last_seen_at = e.received_at
+                changed[device_id] = unit
         by_seq = sorted(stored_telemetry, key=lambda e: e.msg.seq)  # type: ignore[union-attr]
-        new_state: dict[str, dict[str, Any]] = {}
         for e in by_seq:
             msg = e.msg
             assert isinstance(msg, protocol.Telemetry) and e.device_id is not None
             unit = units[e.device_id]
             if unit.latest_seq is not None and msg.seq <= unit.latest_seq:
                 continue  # an older message arriving late: stored, but not the current state
-            state = new_state.setdefault(e.device_id, dict(unit.latest_state or {}))
-            state.update(msg.readings)
+            if unit.new_state is None:
+                unit.new_state = dict(unit.latest_state or {})
+            unit.new_state.update(msg.readings)
             unit.latest_seq = msg.seq
-            unit.latest_ts = msg.ts.astimezone(dt.UTC)
-        for device_id, state in new_state.items():
-            units[device_id].latest_state = state
-        session.flush()
+            unit.latest_ts = msg.ts
+            changed[e.device_id] = unit
+        if not changed:
+            return
+        ordered = sorted(changed.items())
+        if pg:
+            dumps = json.dumps
+            conn.exec_driver_sql(_PG_UPDATE_UNITS, (
+                [d for d, _ in ordered],
+                [u.last_seen_at for _, u in ordered],
+                [u.latest_seq for _, u in ordered],
+                [None if u.latest_ts is None else _utc(u.latest_ts) for _, u in ordered],
+                [None if u.new_state is None else dumps(u.new_state) for _, u in ordered],
+            ))
+            return
+        seen = [{"_d": d, "_seen": u.last_seen_at} for d, u in ordered if u.new_state is None]
+        state = [{"_d": d, "_seen": u.last_seen_at, "_seq": u.latest_seq,
+                  "_ts": u.latest_ts, "_state": u.new_state}
+                 for d, u in ordered if u.new_state is not None]
+        if seen:
+            conn.execute(_SQLITE_UPDATE_SEEN, seen)
+        if state:
+            conn.execute(_SQLITE_UPDATE_STATE, state)
 
-    def _store_quarantine(self, session: Session, entries: Sequence[_Entry]) -> None:
+    def _store_quarantine(self, conn: sa.Connection, entries: Sequence[_Entry]) -> None:
         per_key: collections.Counter[tuple[str | None, str]] = collections.Counter()
         rows: list[dict[str, Any]] = []
         for e in entries:
@@ -670,24 +893,25 @@ class IngestCore:
                 "received_at": e.received_at,
             })
         if rows:
-            session.execute(sa.insert(QuarantineRow), rows)
+            conn.execute(sa.insert(QuarantineRow), rows)
 
-    def _count(self, session: Session, entries: Sequence[_Entry]) -> None:
+    @staticmethod
+    def _count(conn: sa.Connection, pg: bool, entries: Sequence[_Entry]) -> None:
+        """Counters aggregated per batch, then one upsert (rows in key order)."""
         counts: collections.Counter[tuple[str, str]] = collections.Counter(
             (e.device_id or UNKNOWN, e.reason) for e in entries
         )
         if not counts:
             return
-        table = IngestCounter.__table__
-        assert isinstance(table, sa.Table)
-        rows = [{"device_id": d, "reason": r, "count": n} for (d, r), n in sorted(counts.items())]
-        for start in range(0, len(rows), _INSERT_CHUNK):
-            stmt = self._insert(session, table).values(rows[start:start + _INSERT_CHUNK])
-            stmt = stmt.on_conflict_do_update(
-                index_elements=["device_id", "reason"],
-                set_={"count": table.c["count"] + stmt.excluded["count"]},
-            )
-            session.execute(stmt)
+        ordered = sorted(counts.items())
+        if pg:
+            conn.exec_driver_sql(_PG_UPSERT_COUNTERS, (
+                [k[0] for k, _ in ordered], [k[1] for k, _ in ordered],
+                [n for _, n in ordered],
+            ))
+            return
+        conn.execute(_SQLITE_UPSERT_COUNTERS,
+                     [{"device_id": d, "reason": r, "count": n} for (d, r), n in ordered])
 
     # -- observability --------------------------------------------------------------------
 
@@ -780,6 +1004,10 @@ class IngestWorker:
         client.on_message = self._on_message
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         self._client = client
+        # Everything that exists now (modules, ORM/pydantic schemas, ...) lives as long as
+        # the process: exclude it from the garbage collector's full scans, which otherwise
+        # walk it again and again as the stream of short-lived messages triggers them.
+        gc.freeze()
         self._thread = threading.Thread(target=self._run, name="hearth-ingest", daemon=True)
         self._thread.start()
         client.loop_start()
@@ -889,14 +1117,46 @@ class IngestWorker:
             return
         with self._lock:
             generation = self._generation
+        puback: list[int] = []
         for token in acks:
             if not isinstance(token, tuple):
                 continue
             gen, mid, qos = token
             if gen != generation or qos == 0:
                 continue
+            if qos == 1:
+                puback.append(mid)
+                continue
             try:
                 client.ack(mid, qos)
+                self._acked += 1
+            except Exception:  # noqa: BLE001 - a lost ack means a redelivery, not a loss
+                log.warning("ingest: could not acknowledge a message; it will be redelivered")
+        if puback:
+            self._puback(client, puback)
+
+    def _puback(self, client: Client, mids: Sequence[int]) -> None:
+        """PUBACK ``mids`` (QoS 1). paho's ``ack`` queues one packet per message, each
+        written as its own TLS record after waking the network thread; a committed batch
+        is acknowledged with one write instead: the same PUBACK packets (MQTT 3.1.1/5:
+        fixed header, remaining length 2, packet id; reason code 0 omitted), concatenated
+        and queued through paho's packet queue. Falls back to ``ack`` per message if this
+        paho has no such queue."""
+        queue_packet = getattr(client, "_packet_queue", None)
+        if callable(queue_packet) and getattr(client, "_manual_ack", False):
+            try:
+                for start in range(0, len(mids), _PUBACKS_PER_WRITE):
+                    chunk = mids[start:start + _PUBACKS_PER_WRITE]
+                    queue_packet(_PUBACK, b"".join([_PUBACK_PACKET(_PUBACK, 2, mid)
+                                                     for mid in chunk]), 0, 0)
+                    self._acked += len(chunk)
+                return
+            except Exception:  # noqa: BLE001 - a lost ack means a redelivery, not a loss
+                log.warning("ingest: could not acknowledge messages; they will be redelivered")
+                return
+        for mid in mids:  # pragma: no cover - other paho versions
+            try:
+                client.ack(mid, 1)
                 self._acked += 1
             except Exception:  # noqa: BLE001 - a lost ack means a redelivery, not a loss
                 log.warning("ingest: could not acknowledge a message; it will be redelivered")

@@ -1,0 +1,164 @@
+"""Ingest's fast write path: array statements (PostgreSQL), batched unit updates and
+counters, the stored digest, and the batched PUBACK - pinned against the plain forms."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import struct
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+from sqlalchemy.orm import Session, sessionmaker
+
+from hearth import protocol
+from hearth.protocol import Reason
+from hearth.service import fleet
+from hearth.service.ingest import (
+    ACCEPTED,
+    DUPLICATE,
+    INTERNAL_ERROR,
+    IngestCore,
+    IngestWorker,
+    _digest,
+)
+from hearth.service.models import IngestCounter, QuarantineRow, TelemetryRow
+from tests.service import messages as m
+from tests.service.conftest import Fleet
+
+
+def _reference_digest(msg: protocol.Telemetry | protocol.Event | protocol.CommandResult) -> str:
+    """The digest as first defined (rows already stored carry it: it must not change)."""
+    data = msg.model_dump(mode="python")
+    data["ts"] = msg.ts.astimezone(dt.UTC).isoformat()
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("offset", [0, 2, -7])
+def test_digest_is_the_canonical_sha256_as_stored(offset: int) -> None:
+    ts = dt.datetime(2025, 6, 1, 12, 0, 0, 123, tzinfo=dt.timezone(dt.timedelta(hours=offset)))
+    dev = "a" * 32
+    msgs: list[protocol.Telemetry | protocol.Event | protocol.CommandResult] = [
+        protocol.Telemetry(device_id=dev, seq=3, ts=ts,
+                           readings={"temperature": 21.5, "heater": True, "mode": "é"}),
+        protocol.Event(device_id=dev, seq=4, ts=ts, kind="boot", detail="x\u2028y"),
+        protocol.CommandResult(command_id="b" * 32, device_id=dev, seq=5, ts=ts,
+                               status="failed", reason="r", state={"target": 20.0}),
+    ]
+    for msg in msgs:
+        assert _digest(msg) == _reference_digest(msg)
+    parsed = protocol.parse_telemetry(m.telemetry(dev, 9, {"temperature": 1e-7}),
+                                      topic_device_id=dev, model=protocol.MODELS["thermostat"],
+                                      now=dt.datetime.now(dt.UTC))
+    assert _digest(parsed) == _reference_digest(parsed)
+
+
+def _counters(sf: sessionmaker[Session]) -> dict[tuple[str, str], int]:
+    with sf() as s:
+        return {(c.device_id, c.reason): c.count for c in s.scalars(sa.select(IngestCounter))}
+
+
+def test_a_large_mixed_batch_is_exact(sf: sessionmaker[Session], imported: Fleet) -> None:
+    """Several units, in-batch and cross-batch redeliveries, replays, late messages and
+    events in one batch: rows, counters and unit state as the one-by-one rules say."""
+    core = IngestCore(sf, batch_size=10_000)
+    a, b, c = imported.thermostats
+    for seq in range(1, 301):
+        for dev in (a, b):
+            core.handle(m.topic(dev), m.telemetry(dev, seq, {"temperature": seq / 10}))
+    core.handle(m.topic(a), m.telemetry(a, 5, {"temperature": 0.5}))  # in-batch redelivery
+    core.handle(m.topic(a), m.telemetry(a, 6, {"temperature": 9.9}))  # in-batch replay
+    core.handle(m.topic(c, "event"), m.event(c, 1, "boot"))  # c: events only, no telemetry yet
+    core.flush()
+    core.handle(m.topic(b), m.telemetry(b, 7, {"temperature": 0.7}))  # redelivery
+    core.handle(m.topic(b), m.telemetry(b, 8, {"temperature": 8.8}))  # replay
+    core.handle(m.topic(b), m.telemetry(b, 400, {"heater": True}))
+    core.handle(m.topic(c, "event"), m.event(c, 1, "boot"))  # event redelivery
+    core.flush()
+    core.handle(m.topic(b), m.telemetry(b, 350, {"temperature": 3.5}))  # late: stored only
+    core.flush()
+    assert _counters(sf) == {
+        (a, ACCEPTED): 300, (a, DUPLICATE): 1, (a, Reason.REPLAYED_SEQUENCE): 1,
+        (b, ACCEPTED): 302, (b, DUPLICATE): 1, (b, Reason.REPLAYED_SEQUENCE): 1,
+        (c, ACCEPTED): 1, (c, DUPLICATE): 1,
+    }
+    with sf() as s:
+        n = s.scalar(sa.select(sa.func.count()).select_from(TelemetryRow))
+        assert n == 602
+        ua, ub, uc = (fleet.get_unit(s, d) for d in (a, b, c))
+    assert ua.latest_seq == 300 and ua.latest_state["temperature"] == 30.0
+    assert ub.latest_seq == 400
+    assert ub.latest_state == {"temperature": 30.0, "heater": True}
+    assert ub.latest_ts == m.TS + dt.timedelta(seconds=400)
+    assert uc.latest_seq is None and uc.latest_ts is None and uc.latest_state == {}
+    assert uc.last_seen_at is not None
+
+
+def test_a_poison_message_is_isolated_whatever_the_statement_shape(
+    sf: sessionmaker[Session], imported: Fleet
+) -> None:
+    """Like test_ingest's poison test, but recognising the value inside array
+    parameters too (PostgreSQL binds one array per column)."""
+    dev = imported.thermostats[0]
+    engine = sf.kw["bind"]
+    on = True
+
+    def flat(params: Any) -> list[Any]:
+        values = params.values() if isinstance(params, dict) else params or ()
+        out: list[Any] = []
+        for v in values:
+            out.extend(v if isinstance(v, list | tuple) else [v])
+        return out
+
+    @sa_event.listens_for(engine, "before_cursor_execute")
+    def _fail(_conn: Any, _cursor: Any, statement: str, params: Any, *_a: Any) -> None:
+        if on and "INSERT INTO telemetry" in statement and 666 in flat(params):
+            raise engine.dialect.loaded_dbapi.IntegrityError("simulated refusal")
+
+    core = IngestCore(sf, batch_size=100)
+    for seq in (1, 666, 3):
+        core.handle(m.topic(dev), m.telemetry(dev, seq), ack=seq)
+    assert core.flush() == [1, 666, 3]
+    on = False
+    with sf() as s:
+        seqs = list(s.scalars(sa.select(TelemetryRow.seq).order_by(TelemetryRow.seq)))
+        [row] = s.scalars(sa.select(QuarantineRow))
+    assert seqs == [1, 3]
+    assert row.reason == INTERNAL_ERROR
+    assert _counters(sf) == {(dev, ACCEPTED): 2, (dev, INTERNAL_ERROR): 1}
+
+
+class _FakeClient:
+    def __init__(self) -> None:
+        self._manual_ack = True
+        self.queued: list[bytes] = []
+        self.acked: list[tuple[int, int]] = []
+
+    def _packet_queue(self, command: int, packet: bytes, mid: int, qos: int) -> int:
+        self.queued.append(packet)
+        return 0
+
+    def ack(self, mid: int, qos: int) -> int:
+        self.acked.append((mid, qos))
+        return 0
+
+
+def test_committed_batch_is_acknowledged_in_one_write() -> None:
+    worker = IngestWorker.__new__(IngestWorker)
+    import threading
+
+    worker._lock = threading.Lock()
+    worker._generation = 3
+    worker._acked = 0
+    client = _FakeClient()
+    worker._client = client  # type: ignore[assignment]
+    tokens: list[object] = [(3, 1, 1), (3, 65535, 1), (2, 7, 1), (3, 9, 0), None, (3, 8, 2)]
+    worker._ack(tokens)
+    # same bytes as paho's PUBACK per message: 0x40, remaining length 2, packet id
+    assert client.queued == [struct.pack("!BBH", 0x40, 2, 1) + struct.pack("!BBH", 0x40, 2, 65535)]
+    assert client.acked == [(8, 2)]  # QoS 2 still through paho; old generation and QoS 0 not
+    assert worker._acked == 3
