@@ -272,6 +272,18 @@ def test_unit_cannot_publish_to_another_units_telemetry(
     assert not ingest.got(b"forged")
 
 
+def test_unit_cannot_retain_messages(shared: World, connect: PeerFactory) -> None:
+    a = shared.units[0]
+    ingest = ingest_peer(shared, connect)
+    unit = connect(a.identity(shared.broker))
+    unit.client.publish(telemetry(a), b"left-behind", qos=1, retain=True)
+    wait_until(lambda: not unit.connected, what="the broker refusing a retained publish")
+    control = connect(a.identity(shared.broker))
+    assert not control.publish(telemetry(a), b"control").is_failure
+    wait_until(lambda: ingest.got(b"control"), what="the positive control")
+    assert not ingest.got(b"left-behind")
+
+
 def test_unit_cannot_subscribe_to_another_units_commands(
     shared: World, connect: PeerFactory
 ) -> None:

@@ -1045,6 +1045,8 @@ class Broker:
             "connection_messages true",
             "log_timestamp_format %Y-%m-%dT%H:%M:%S",
             "set_tcp_nodelay true",
+            # Nothing in Hearth retains; a unit must not leave messages behind on a topic.
+            "retain_available false",
             f"max_packet_size {lim.max_packet_size}",
             f"max_inflight_messages {lim.max_inflight_messages}",
             f"max_queued_messages {lim.max_queued_messages}",
