@@ -18,18 +18,19 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 from hearth.factory import Endpoint, MintedUnit, mint
 from hearth.pki import MakerPKI
 
 __all__ = [
     "DEFAULT_PG_URL",
+    "Bench",
     "BenchTimeout",
     "PgUnavailable",
     "clean_mqtt_session",
@@ -37,6 +38,7 @@ __all__ = [
     "machine_load",
     "mint_units",
     "raise_fd_limit",
+    "run_bench",
     "say",
     "stop_processes",
     "temp_pg_database",
@@ -114,6 +116,41 @@ def temp_root(prefix: str, *, keep: bool = False) -> Iterator[Path]:
             say(f"kept {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
+
+
+class Bench(Protocol):
+    """A benchmark that :func:`run_bench` runs: ``run()`` returns the exit code."""
+
+    def run(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def run_bench(make_bench: Callable[[Path], Bench], *, timeout: float, prefix: str,
+              keep: bool) -> int:
+    """Run ``make_bench(root)`` in a temporary ``root`` under a :func:`watchdog`.
+
+    The bench is always closed. Returns its exit code, or 2 on :class:`BenchTimeout`, 1 on
+    ``RuntimeError`` and 130 on ``KeyboardInterrupt`` (each reported on stderr).
+    """
+    try:
+        with watchdog(timeout), temp_root(prefix, keep=keep) as root:
+            bench = make_bench(root)
+            try:
+                code = bench.run()
+            finally:
+                bench.close()
+    except BenchTimeout as e:
+        print(f"ABORTED: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        print(f"FAILED: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; cleaned up", file=sys.stderr)
+        return 130
+    say(f"done; machine: {machine_load()}")
+    return code
 
 
 def stop_processes(processes: list[BaseProcess], timeout: float = 5.0) -> None:

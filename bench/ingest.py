@@ -56,18 +56,16 @@ from typing import Any
 import sqlalchemy as sa
 from _common import (
     DEFAULT_PG_URL,
-    BenchTimeout,
     PgUnavailable,
     clean_mqtt_session,
     free_port,
     machine_load,
     mint_units,
     raise_fd_limit,
+    run_bench,
     say,
     stop_processes,
     temp_pg_database,
-    temp_root,
-    watchdog,
 )
 
 TARGET_RATIO = 0.8
@@ -875,24 +873,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     raise_fd_limit()
     say(f"ingest benchmark; machine: {machine_load()}")
-    try:
-        with watchdog(args.timeout), temp_root("hearth-bench-ingest-", keep=args.keep) as root:
-            bench = IngestBench(args, root)
-            try:
-                code = bench.run()
-            finally:
-                bench.close()
-    except BenchTimeout as e:
-        print(f"ABORTED: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        print(f"FAILED: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; cleaned up", file=sys.stderr)
-        return 130
-    say(f"done; machine: {machine_load()}")
-    return code
+    return run_bench(lambda root: IngestBench(args, root), timeout=args.timeout,
+                     prefix="hearth-bench-ingest-", keep=args.keep)
 
 
 if __name__ == "__main__":

@@ -57,15 +57,13 @@ from typing import Any
 
 import sqlalchemy as sa
 from _common import (
-    BenchTimeout,
     free_port,
     machine_load,
     mint_units,
     raise_fd_limit,
+    run_bench,
     say,
     stop_processes,
-    temp_root,
-    watchdog,
 )
 
 _SPAWN = mp.get_context("spawn")
@@ -622,25 +620,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="[%(asctime)s] %(name)s %(levelname)s: %(message)s")
     raise_fd_limit()  # Mosquitto, started by this process, inherits it
     say(f"reconnect benchmark; machine: {machine_load()}")
-    try:
-        with watchdog(args.timeout), temp_root("hearth-bench-reconnect-",
-                                               keep=args.keep) as root:
-            bench = ReconnectBench(args, root)
-            try:
-                code = bench.run()
-            finally:
-                bench.close()
-    except BenchTimeout as e:
-        print(f"ABORTED: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        print(f"FAILED: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; cleaned up", file=sys.stderr)
-        return 130
-    say(f"done; machine: {machine_load()}")
-    return code
+    return run_bench(lambda root: ReconnectBench(args, root), timeout=args.timeout,
+                     prefix="hearth-bench-reconnect-", keep=args.keep)
 
 
 if __name__ == "__main__":

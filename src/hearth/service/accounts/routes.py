@@ -44,8 +44,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
 from hearth import protocol
 from hearth.errors import BrokerError, HearthError, NotFoundError, ValidationError
@@ -61,7 +59,8 @@ from hearth.service.accounts.sessions import SessionInfo
 from hearth.service.accounts.throttle import Throttled
 from hearth.service.commands import CommandService
 from hearth.service.models import Unit, UnitStatus
-from hearth.service.web import CSRF_FIELD, CsrfError, SecureRoute, declare
+from hearth.service.web import CSRF_FIELD, CsrfError, FormRefused, SecureRoute, declare
+from hearth.service.web import forms as web_forms
 
 __all__ = ["PERMISSIONS", "create_router"]
 
@@ -182,42 +181,19 @@ def create_router(service: AccountsService) -> APIRouter:
         return request.client.host if request.client else None
 
     async def read_body(request: Request, limit: int) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            raise _Refused(413, "request_too_large", f"the request is larger than {limit} bytes")
-        chunks: list[bytes] = []
-        size = 0
         try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise _Refused(413, "request_too_large",
-                                   f"the request is larger than {limit} bytes")
-                chunks.append(chunk)
-        except ClientDisconnect as e:
-            raise _Refused(400, "client_disconnected", "the upload was interrupted") from e
-        return b"".join(chunks)
+            return await web_forms.read_body(request, limit)
+        except FormRefused as e:
+            raise _Refused(e.status, e.reason, e.detail) from e
 
     async def read_form(request: Request, *, limit: int = MAX_FORM_BYTES,
                         files: int = 0) -> FormData:
         body = await read_body(request, limit)
-        sent = False
-
-        async def replay() -> dict[str, Any]:
-            nonlocal sent
-            if sent:
-                return {"type": "http.disconnect"}
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        ctype = request.headers.get("content-type", "")
-        if not ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-            raise _Refused(400, "malformed_form", "send the form as a form")
         try:
-            form = await Request(request.scope, replay).form(
-                max_files=files, max_fields=16, max_part_size=limit)
-        except (StarletteHTTPException, ValueError, KeyError) as e:
-            raise _Refused(400, "malformed_form", "the form could not be read") from e
+            form = await web_forms.parse_form(request, body, max_files=files, max_fields=16,
+                                              max_part_size=limit)
+        except FormRefused as e:
+            raise _Refused(e.status, e.reason, e.detail) from e
         try:
             svc.csrf.verify(request, form.get(CSRF_FIELD))
         except CsrfError as e:

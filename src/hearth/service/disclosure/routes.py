@@ -46,8 +46,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
 from hearth.errors import NotFoundError, ValidationError
 from hearth.service import auth
@@ -68,7 +66,8 @@ from hearth.service.disclosure.intake import (
 from hearth.service.disclosure.models import Advisory, Report, ReportState
 from hearth.service.disclosure.security_txt import render_security_txt
 from hearth.service.disclosure.service import DisclosureService
-from hearth.service.web import CSRF_FIELD, CsrfError, SecureRoute, declare
+from hearth.service.web import CSRF_FIELD, CsrfError, FormRefused, SecureRoute, declare
+from hearth.service.web import forms as web_forms
 
 __all__ = ["PERMISSION_PUBLIC", "PERMISSION_REPORTER", "PERMISSION_TRIAGE", "create_router"]
 
@@ -133,47 +132,27 @@ def create_router(service: DisclosureService) -> APIRouter:
                            f"too many requests; try again in {int(wait) + 1} seconds",
                            retry_after=wait)
 
+    def form_refusal(e: FormRefused) -> _Refused:
+        if e.reason == web_forms.CLIENT_DISCONNECTED:
+            return _Refused(e.status, e.reason, e.detail)
+        return refuse(IntakeError(IntakeReason(e.reason), e.detail))
+
     async def read_body(request: Request) -> bytes:
-        max_bytes = cfg.limits.max_request_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
-            raise refuse(IntakeError(IntakeReason.REQUEST_TOO_LARGE,
-                                     f"the request is larger than {max_bytes} bytes"))
-        chunks: list[bytes] = []
-        size = 0
         try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > max_bytes:
-                    raise refuse(IntakeError(IntakeReason.REQUEST_TOO_LARGE,
-                                             f"the request is larger than {max_bytes} bytes"))
-                chunks.append(chunk)
-        except ClientDisconnect as e:
-            raise _Refused(400, "client_disconnected", "the upload was interrupted") from e
-        return b"".join(chunks)
+            return await web_forms.read_body(request, cfg.limits.max_request_bytes)
+        except FormRefused as e:
+            raise form_refusal(e) from e
 
     async def parse_form(request: Request, body: bytes) -> FormData:
-        sent = False
-
-        async def replay() -> dict[str, Any]:
-            nonlocal sent
-            if sent:
-                return {"type": "http.disconnect"}
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        ctype = request.headers.get("content-type", "")
-        if not ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-            raise refuse(IntakeError(IntakeReason.MALFORMED_FORM, "send the form as a form"))
         try:
-            return await Request(request.scope, replay).form(
+            return await web_forms.parse_form(
+                request, body,
                 max_files=cfg.limits.max_attachments + 1, max_fields=_JSON_FIELD_LIMIT,
                 max_part_size=cfg.limits.max_text_chars * 4 + 1024,
+                unreadable="the form could not be read (too many or too large parts)",
             )
-        except (StarletteHTTPException, ValueError, KeyError) as e:
-            raise refuse(IntakeError(IntakeReason.MALFORMED_FORM,
-                                     "the form could not be read (too many or too large parts)")
-                         ) from e
+        except FormRefused as e:
+            raise form_refusal(e) from e
 
     def check_csrf(request: Request, form: FormData) -> None:
         try:

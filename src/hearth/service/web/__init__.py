@@ -22,6 +22,7 @@ from hearth.service.web.app import (
     iter_web_routes,
 )
 from hearth.service.web.csrf import CSRF_FIELD, CsrfError, CsrfProtection
+from hearth.service.web.forms import FormRefused, parse_form, read_body
 from hearth.service.web.permissions import declare, route_declaration
 from hearth.service.web.security import (
     CONTENT_SECURITY_POLICY,
@@ -40,6 +41,7 @@ __all__ = [
     "SECURITY_HEADERS",
     "CsrfError",
     "CsrfProtection",
+    "FormRefused",
     "SecretPathFilter",
     "SecureRoute",
     "SecurityHeadersMiddleware",
@@ -50,6 +52,8 @@ __all__ = [
     "create_web_app",
     "declare",
     "iter_web_routes",
+    "parse_form",
+    "read_body",
     "route_declaration",
     "static_router",
     "static_url",
