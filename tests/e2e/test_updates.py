@@ -126,7 +126,9 @@ def test_update_through_the_service_keeps_regulating_and_offline_unit_catches_up
         started = rollout(fleet, target_name=T11, stages=[100], min_sample=1)
         wait_until(lambda: ("update_installed", "1.1.0") in rt.events, timeout=60,
                    what="the update to be installed and committed")
-        time.sleep(1.2)  # a couple of steps of the new version
+        ticks = getattr(rt.host.current, "ticks", 0)
+        wait_until(lambda: getattr(rt.host.current, "ticks", 0) >= ticks + 2, timeout=30,
+                   what="a couple of control steps of the new version")
     assert rt.loaded_version == "1.1.0" and rt.mode == "normal"
     state = SlotManager(online.directory).state()
     assert (state.committed, state.pending, state.versions["b"]) == ("b", None, "1.1.0")
@@ -200,7 +202,8 @@ def test_lock_accepts_local_commands_throughout_its_update_then_refuses_a_tamper
         first = rollout(fleet, target_name="lock/lock-1.1.0.tar", stages=[100], min_sample=1)
         wait_until(lambda: ("update_installed", "1.1.0") in rt.events, timeout=60,
                    what="the lock's update")
-        time.sleep(0.3)
+        wait_until(lambda: len(served_by) == 2, timeout=30,
+                   what="the button served by the new version too")
     finally:
         stop.set()
         presser.join()
@@ -271,7 +274,9 @@ def test_tampered_active_slot_falls_back_alerts_and_waits_for_an_operator(
     assert "slot(s) b failed verification" in alert["detail"]
     assert "thermostat.py" in alert["detail"]
     # the app still regulates, but the unit talks only to the alerting path
-    time.sleep(1.5)
+    ticks = rt.host.current.ticks  # type: ignore[attr-defined]
+    wait_until(lambda: rt.host.current.ticks >= ticks + 3,  # type: ignore[attr-defined]
+               timeout=30, what="the quarantined app to keep regulating")
     assert rt.host.current is not None and rt.host.current.running  # type: ignore[attr-defined]
     assert _telemetry_count(fleet, unit.device_id) == 0
     with api(fleet) as c:
