@@ -39,14 +39,12 @@ def _start(unit: Path, log: Path) -> subprocess.Popen[bytes]:
 
 
 def _kill_when(proc: subprocess.Popen[bytes], cond: Callable[[], bool], what: str,
-               log: Path, before_kill: Callable[[], None] | None = None) -> None:
+               log: Path) -> None:
     deadline = time.monotonic() + 60
     while not cond():
         assert proc.poll() is None, f"the unit exited: {log.read_text()[-3000:]}"
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.001)  # polling interval while the child works
-    if before_kill is not None:
-        before_kill()
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=10) == -signal.SIGKILL
 
@@ -107,8 +105,11 @@ def test_kill_9_at_each_step_of_an_update_leaves_a_unit_that_boots_and_finishes(
                    interval=0.001, what="the install to start")
         os.kill(broker_pid, signal.SIGSTOP)
         try:
-            _kill_when(p3, lambda: slots.state().pending == "b", "the switch", log,
-                       before_kill=lambda: time.sleep(0.5))  # it now awaits its health check
+            # killed once the switch is made and the new version's trial boot has begun
+            # (counted on disk before its app runs): it is waiting for its health check
+            _kill_when(p3, lambda: slots.state().pending == "b"
+                       and slots.state().boot_attempts >= 1,
+                       "the new version awaiting its health check", log)
         finally:
             os.kill(broker_pid, signal.SIGCONT)
         st = slots.state()
