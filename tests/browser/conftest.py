@@ -8,6 +8,7 @@ Waiting is always Playwright's auto-wait or a deadline poll, never a sleep.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import shutil
 import threading
@@ -66,6 +67,15 @@ def live(tmp_path: Path) -> Iterator[Live]:
     })
     service = DisclosureService(config, sessions, clock=clock)
     app = create_web_app(create_router(service), hsts=False)
+    with serve(app, port, probe="/security/policy"):
+        yield Live(base, clock, sessions, service, token)
+    engine.dispose()
+
+
+@contextlib.contextmanager
+def serve(app: Any, port: int, *, probe: str, timeout: float = 30) -> Iterator[None]:
+    """Run ``app`` with uvicorn on 127.0.0.1:``port`` until the block ends; returns once
+    ``probe`` answers 200."""
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -73,15 +83,16 @@ def live(tmp_path: Path) -> Iterator[Live]:
 
     def up() -> bool:
         try:
-            return httpx.get(base + "/security/policy", timeout=1).status_code == 200
+            return httpx.get(f"http://127.0.0.1:{port}{probe}", timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
 
-    wait_until(up, timeout=15, what="uvicorn to serve")
-    yield Live(base, clock, sessions, service, token)
-    server.should_exit = True
-    thread.join(timeout=10)
-    engine.dispose()
+    try:
+        wait_until(up, timeout=timeout, what="uvicorn to serve")
+        yield
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import secrets
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 from sqlalchemy.orm import Session, sessionmaker
@@ -34,8 +32,9 @@ from hearth.service.updates.web import (
     unit_updates_html,
 )
 from hearth.service.web import create_web_app, declare
+from tests.browser.conftest import serve
 from tests.disclosure.conftest import FrozenClock
-from tests.helpers import free_port, wait_until
+from tests.helpers import free_port
 
 START = dt.datetime(2026, 3, 2, 9, 0, tzinfo=dt.UTC)
 
@@ -96,21 +95,8 @@ def site(tmp_path: Path) -> Iterator[Site]:
     api = create_app(Settings(data_dir=tmp_path / "data"), session_factory=sf,
                      command_publisher=InMemoryCommandPublisher(), revoker=None,
                      routers=[create_api_router(updates)])
-    server = uvicorn.Server(uvicorn.Config(compose(api, app), host="127.0.0.1", port=port,
-                                           log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-
-    def up() -> bool:
-        try:
-            return httpx.get(base + "/products", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(up, timeout=30, what="uvicorn to serve")
-    yield Site(base, clock, sf, token, device_id)
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve(compose(api, app), port, probe="/products"):
+        yield Site(base, clock, sf, token, device_id)
     engine.dispose()
 
 

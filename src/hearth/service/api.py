@@ -72,6 +72,7 @@ from hearth.service.models import (
     Unit,
     UnitStatus,
 )
+from hearth.service.web.permissions import find_marker
 
 __all__ = [
     "API_PREFIX",
@@ -367,15 +368,8 @@ def require(permission: Permission) -> Any:
 
 def route_permission(route: BaseRoute) -> Permission | None:
     """The permission a route declares itself (via :func:`require`), or ``None``."""
-    if not isinstance(route, APIRoute):
-        return None
-    stack = list(route.dependant.dependencies)
-    while stack:
-        dep = stack.pop()
-        if isinstance(dep.call, _Require):
-            return dep.call.permission
-        stack.extend(dep.dependencies)
-    return None
+    marker = find_marker(route, _Require)
+    return marker.permission if marker is not None else None
 
 
 def iter_routes(

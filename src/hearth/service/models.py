@@ -34,6 +34,7 @@ __all__ = [
     "Unit",
     "UnitStatus",
     "all_metadata",
+    "sql_in",
 ]
 
 NAMING = {
@@ -70,7 +71,8 @@ class CommandStatus(enum.StrEnum):
 OPEN_COMMAND_STATUSES = (CommandStatus.PENDING.value, CommandStatus.SENT.value)
 
 
-def _in(values: type[enum.StrEnum]) -> str:
+def sql_in(values: type[enum.StrEnum]) -> str:
+    """The SQL list of an enum's values, for ``CHECK (column IN (...))`` constraints."""
     return ", ".join(f"'{v.value}'" for v in values)
 
 
@@ -105,7 +107,7 @@ class Unit(Base):
     """argon2id hash of the unit's setup code (factory manifest); NULL for units imported
     from a manifest without one (they cannot be claimed by code). Revision 0201."""
 
-    __table_args__ = (sa.CheckConstraint(f"status IN ({_in(UnitStatus)})", name="status"),)
+    __table_args__ = (sa.CheckConstraint(f"status IN ({sql_in(UnitStatus)})", name="status"),)
 
 
 class TelemetryRow(Base):
@@ -191,7 +193,7 @@ class CommandRow(Base):
     completed_at: Mapped[dt.datetime | None]
 
     __table_args__ = (
-        sa.CheckConstraint(f"status IN ({_in(CommandStatus)})", name="status"),
+        sa.CheckConstraint(f"status IN ({sql_in(CommandStatus)})", name="status"),
         sa.Index(None, "device_id", "issued_at"),
         sa.Index(None, "status", "expires_at"),
     )

@@ -19,7 +19,7 @@ import enum
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column
 
-from hearth.service.models import DEVICE_ID_LEN, Base, BigId
+from hearth.service.models import DEVICE_ID_LEN, Base, BigId, sql_in
 
 __all__ = [
     "Account",
@@ -71,10 +71,6 @@ class ResetState(enum.StrEnum):
     REFUSED = "refused"
 
 
-def _in(values: type[enum.StrEnum]) -> str:
-    return ", ".join(f"'{v.value}'" for v in values)
-
-
 class Account(Base):
     __tablename__ = "accounts"
 
@@ -90,7 +86,7 @@ class Account(Base):
     """The last TOTP time step used: a code is accepted once (no replay)."""
     disabled_at: Mapped[dt.datetime | None]
 
-    __table_args__ = (sa.CheckConstraint(f"role IN ({_in(Role)})", name="role"),)
+    __table_args__ = (sa.CheckConstraint(f"role IN ({sql_in(Role)})", name="role"),)
 
 
 class AccountSession(Base):
@@ -108,8 +104,8 @@ class AccountSession(Base):
     """Absolute expiry; the idle timeout is checked against ``last_seen_at``."""
 
     __table_args__ = (
-        sa.CheckConstraint(f"state IN ({_in(SessionState)})", name="state"),
-        sa.CheckConstraint(f"kind IN ({_in(SessionKind)})", name="kind"),
+        sa.CheckConstraint(f"state IN ({sql_in(SessionState)})", name="state"),
+        sa.CheckConstraint(f"kind IN ({sql_in(SessionKind)})", name="kind"),
     )
 
 
@@ -166,6 +162,6 @@ class UnitReset(Base):
     done_at: Mapped[dt.datetime | None]
 
     __table_args__ = (
-        sa.CheckConstraint(f"kind IN ({_in(ResetKind)})", name="kind"),
-        sa.CheckConstraint(f"state IN ({_in(ResetState)})", name="state"),
+        sa.CheckConstraint(f"kind IN ({sql_in(ResetKind)})", name="kind"),
+        sa.CheckConstraint(f"state IN ({sql_in(ResetState)})", name="state"),
     )

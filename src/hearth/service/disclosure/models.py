@@ -17,7 +17,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import Mapped, Mapper, mapped_column
 
 from hearth.service.db import JSONType
-from hearth.service.models import Base, BigId
+from hearth.service.models import Base, BigId, sql_in
 
 __all__ = [
     "Advisory",
@@ -38,10 +38,6 @@ class ReportState(enum.StrEnum):
     DISCLOSED = "disclosed"
     REJECTED = "rejected"
     DUPLICATE = "duplicate"
-
-
-def _in(values: type[enum.StrEnum]) -> str:
-    return ", ".join(f"'{v.value}'" for v in values)
 
 
 class Report(Base):
@@ -76,7 +72,7 @@ class Report(Base):
     duplicate_of: Mapped[str | None] = mapped_column(sa.String(32))
     advisory_id: Mapped[str | None] = mapped_column(sa.String(32))
 
-    __table_args__ = (sa.CheckConstraint(f"state IN ({_in(ReportState)})", name="state"),)
+    __table_args__ = (sa.CheckConstraint(f"state IN ({sql_in(ReportState)})", name="state"),)
 
 
 class ReportEvent(Base):

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column
 
 from hearth.service.db import JSONType
-from hearth.service.models import DEVICE_ID_LEN, Base, BigId
+from hearth.service.models import DEVICE_ID_LEN, Base, BigId, sql_in
 
 __all__ = [
     "EventCursor",
@@ -45,10 +45,6 @@ class RolloutUnitStatus(enum.StrEnum):
     INSTALLED = "installed"
     FAILED = "failed"
     ROLLED_BACK = "rolled_back"
-
-
-def _in(values: type[enum.StrEnum]) -> str:
-    return ", ".join(f"'{v.value}'" for v in values)
 
 
 class ReleaseRow(Base):
@@ -89,7 +85,7 @@ class Rollout(Base):
     created_by: Mapped[str] = mapped_column(sa.String(64))
     status_reason: Mapped[str] = mapped_column(sa.String(256))
 
-    __table_args__ = (sa.CheckConstraint(f"status IN ({_in(RolloutStatus)})", name="status"),)
+    __table_args__ = (sa.CheckConstraint(f"status IN ({sql_in(RolloutStatus)})", name="status"),)
 
 
 class RolloutUnit(Base):
@@ -110,7 +106,7 @@ class RolloutUnit(Base):
     updated_at: Mapped[dt.datetime]
 
     __table_args__ = (
-        sa.CheckConstraint(f"status IN ({_in(RolloutUnitStatus)})", name="status"),
+        sa.CheckConstraint(f"status IN ({sql_in(RolloutUnitStatus)})", name="status"),
         sa.Index(None, "rollout_id", "stage", "status"),
     )
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute
 
-__all__ = ["declare", "route_declaration"]
+__all__ = ["declare", "find_marker", "route_declaration"]
+
+_M = TypeVar("_M")
 
 
 class _Declared:
@@ -29,13 +31,20 @@ def declare(permission: str) -> Any:
     return Depends(_Declared(permission))
 
 
-def route_declaration(route: BaseRoute) -> str | None:
+def find_marker(route: BaseRoute, kind: type[_M]) -> _M | None:
+    """The first dependency of ``route`` (searched through nested dependencies) that is an
+    instance of ``kind`` - how a test finds the permission a route declares."""
     if not isinstance(route, APIRoute):
         return None
     stack = list(route.dependant.dependencies)
     while stack:
         dep = stack.pop()
-        if isinstance(dep.call, _Declared):
-            return dep.call.permission
+        if isinstance(dep.call, kind):
+            return dep.call
         stack.extend(dep.dependencies)
     return None
+
+
+def route_declaration(route: BaseRoute) -> str | None:
+    marker = find_marker(route, _Declared)
+    return marker.permission if marker is not None else None
