@@ -41,7 +41,7 @@ def main() -> int:
             while not (barrier / "release").exists():
                 if time.monotonic() > deadline:
                     os._exit(3)
-                time.sleep(0.01)
+                time.sleep(0.01)  # child held at a barrier the test releases (60 s cap)
 
     op = args["op"]
     if op == "install":

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,11 +39,11 @@ def _start(unit: Path, log: Path) -> subprocess.Popen[bytes]:
 
 def _kill_when(proc: subprocess.Popen[bytes], cond: Callable[[], bool], what: str,
                log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while not cond():
+    def reached() -> bool:
         assert proc.poll() is None, f"the unit exited: {log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.001)  # polling interval while the child works
+        return cond()
+
+    wait_until(reached, timeout=60, interval=0.001, what=what)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=10) == -signal.SIGKILL
 

@@ -108,7 +108,7 @@ class Sampler:
                 if last is not None:
                     self.gaps.append(tick - last)
                 last = tick
-            time.sleep(0.002)  # sampling cadence of the control-loop observer
+            self._stop.wait(0.002)  # sampling cadence of the control-loop observer
 
 
 def test_update_through_the_service_keeps_regulating_and_offline_unit_catches_up(
@@ -194,7 +194,7 @@ def test_lock_accepts_local_commands_throughout_its_update_then_refuses_a_tamper
                 errors.append(e)
             latencies.append(time.monotonic() - t0)
             i += 1
-            time.sleep(0.005)  # a person pressing the button every 5 ms
+            stop.wait(0.005)  # a person pressing the button every 5 ms
 
     presser = threading.Thread(target=press_buttons, daemon=True)
     presser.start()
