@@ -18,8 +18,9 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
@@ -32,11 +33,15 @@ __all__ = [
     "DEFAULT_PG_URL",
     "Bench",
     "BenchTimeout",
+    "CpuSnapshot",
+    "CpuUsage",
     "PgUnavailable",
     "clean_mqtt_session",
+    "cpu_snapshot",
     "free_port",
     "machine_load",
     "mint_units",
+    "pids_by_comm",
     "raise_fd_limit",
     "run_bench",
     "say",
@@ -166,6 +171,126 @@ def stop_processes(processes: list[BaseProcess], timeout: float = 5.0) -> None:
             with contextlib.suppress(Exception):
                 p.kill()
             p.join(2)
+
+
+# --- CPU accounting (Linux /proc) ----------------------------------------------------------
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_stat(pid: int) -> tuple[str, int, float] | None:
+    """``(comm, starttime in ticks, utime + stime in seconds)`` of ``pid`` from
+    ``/proc/<pid>/stat`` (the totals of all its threads), or ``None`` once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    head, _, tail = text.rpartition(")")  # comm may hold spaces and parentheses
+    comm = head.partition("(")[2]
+    fields = tail.split()  # fields[0] is field 3 (state) of proc(5)
+    try:
+        utime, stime, start = int(fields[11]), int(fields[12]), int(fields[19])
+    except (IndexError, ValueError):
+        return None
+    return comm, start, (utime + stime) / _CLK_TCK
+
+
+def pids_by_comm(prefix: str) -> list[int]:
+    """Pids of the processes whose command name (``/proc/<pid>/comm``) starts with
+    ``prefix``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text().strip()
+        except OSError:
+            continue
+        if comm.startswith(prefix):
+            pids.append(int(entry.name))
+    return pids
+
+
+@dataclass(frozen=True)
+class _MachineCpu:
+    """Seconds summed over all CPUs since boot, from the ``cpu`` line of ``/proc/stat``."""
+
+    busy: float  # user + nice + system + irq + softirq (guest time is inside user)
+    irq: float  # irq + softirq (also in the interrupted tasks' times without
+    # CONFIG_IRQ_TIME_ACCOUNTING)
+    steal: float  # taken by the hypervisor: neither idle nor used here
+
+
+def _machine_cpu() -> _MachineCpu:
+    with open("/proc/stat") as f:
+        first = f.readline().split()
+    assert first[0] == "cpu", first
+    v = [int(x) for x in first[1:]] + [0] * 10
+    user, nice, system, _idle, _iowait, irq, softirq, steal = v[:8]
+    return _MachineCpu(busy=(user + nice + system + irq + softirq) / _CLK_TCK,
+                       irq=(irq + softirq) / _CLK_TCK, steal=steal / _CLK_TCK)
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """CPU seconds used so far by named groups of processes and by the whole machine."""
+
+    at: float  # time.monotonic()
+    machine: _MachineCpu
+    groups: dict[str, dict[tuple[int, int], float]]  # name -> (pid, starttime) -> seconds
+
+
+def cpu_snapshot(groups: Mapping[str, Iterable[int | None]]) -> CpuSnapshot:
+    """Read ``/proc`` for each group of pids (``None`` and vanished pids are skipped).
+
+    A process is keyed by pid and start time, so a reused pid is not taken for the
+    process that had it before.
+    """
+    machine = _machine_cpu()
+    seen: dict[str, dict[tuple[int, int], float]] = {}
+    for name, pids in groups.items():
+        seen[name] = {}
+        for pid in pids:
+            st = None if pid is None else _proc_stat(pid)
+            if pid is not None and st is not None:
+                seen[name][(pid, st[1])] = st[2]
+    return CpuSnapshot(at=time.monotonic(), machine=machine, groups=seen)
+
+
+@dataclass
+class CpuUsage:
+    """CPU seconds used between two snapshots.
+
+    ``groups`` holds each group's seconds; a process that started in between counts in
+    full, one that exited in between counts for nothing (it is in ``other``) and is
+    counted in ``exited``. ``machine`` is the non-idle time of all CPUs (steal excluded;
+    sampled per clock tick, while the processes' times are exact), ``other`` what the
+    groups do not explain: other processes, give or take a tick per CPU per second.
+    """
+
+    wall: float
+    machine: float
+    irq: float
+    steal: float
+    groups: dict[str, float] = field(default_factory=dict)
+    processes: dict[str, int] = field(default_factory=dict)
+    exited: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def other(self) -> float:
+        return self.machine - sum(self.groups.values())
+
+    @classmethod
+    def between(cls, before: CpuSnapshot, after: CpuSnapshot) -> CpuUsage:
+        usage = cls(wall=after.at - before.at,
+                    machine=after.machine.busy - before.machine.busy,
+                    irq=after.machine.irq - before.machine.irq,
+                    steal=after.machine.steal - before.machine.steal)
+        for name, now in after.groups.items():
+            then = before.groups.get(name, {})
+            usage.groups[name] = sum((s - then.get(key, 0.0) for key, s in now.items()), 0.0)
+            usage.processes[name] = len(now)
+            usage.exited[name] = len(then.keys() - now.keys())
+        return usage
 
 
 # --- minting -------------------------------------------------------------------------------

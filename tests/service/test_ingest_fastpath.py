@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import struct
 from typing import Any
 
 import pytest
@@ -22,7 +21,6 @@ from hearth.service.ingest import (
     DUPLICATE,
     INTERNAL_ERROR,
     IngestCore,
-    IngestWorker,
     _digest,
 )
 from hearth.service.models import IngestCounter, QuarantineRow, TelemetryRow
@@ -130,35 +128,3 @@ def test_a_poison_message_is_isolated_whatever_the_statement_shape(
     assert seqs == [1, 3]
     assert row.reason == INTERNAL_ERROR
     assert _counters(sf) == {(dev, ACCEPTED): 2, (dev, INTERNAL_ERROR): 1}
-
-
-class _FakeClient:
-    def __init__(self) -> None:
-        self._manual_ack = True
-        self.queued: list[bytes] = []
-        self.acked: list[tuple[int, int]] = []
-
-    def _packet_queue(self, command: int, packet: bytes, mid: int, qos: int) -> int:
-        self.queued.append(packet)
-        return 0
-
-    def ack(self, mid: int, qos: int) -> int:
-        self.acked.append((mid, qos))
-        return 0
-
-
-def test_committed_batch_is_acknowledged_in_one_write() -> None:
-    worker = IngestWorker.__new__(IngestWorker)
-    import threading
-
-    worker._lock = threading.Lock()
-    worker._generation = 3
-    worker._acked = 0
-    client = _FakeClient()
-    worker._client = client  # type: ignore[assignment]
-    tokens: list[object] = [(3, 1, 1), (3, 65535, 1), (2, 7, 1), (3, 9, 0), None, (3, 8, 2)]
-    worker._ack(tokens)
-    # same bytes as paho's PUBACK per message: 0x40, remaining length 2, packet id
-    assert client.queued == [struct.pack("!BBH", 0x40, 2, 1) + struct.pack("!BBH", 0x40, 2, 65535)]
-    assert client.acked == [(8, 2)]  # QoS 2 still through paho; old generation and QoS 0 not
-    assert worker._acked == 3

@@ -11,8 +11,9 @@ Two parts, split the way python-tuf splits verification from fetching:
   **manual acknowledgement**: a message is PUBACKed only after the transaction that stored
   (or quarantined and counted) it committed. If the worker dies before that, the broker
   still holds the message for the session and delivers it again - to this worker after a
-  restart, or to a sibling in the share group. paho's default (ack when ``on_message``
-  returns) would lose every message of an uncommitted batch.
+  restart, or to a sibling in the share group. (An MQTT client that acknowledges when
+  the message callback returns - paho's default - would lose every message of an
+  uncommitted batch.) The MQTT client is :mod:`hearth.service.subscriber`.
 
 Classification of one message, in order::
 
@@ -51,7 +52,6 @@ import hashlib
 import json
 import logging
 import queue
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -79,12 +79,9 @@ from hearth.service.models import (
     Unit,
     UnitStatus,
 )
+from hearth.service.subscriber import Message, Subscriber
 
 if TYPE_CHECKING:
-    from paho.mqtt.client import Client, ConnectFlags, DisconnectFlags, MQTTMessage
-    from paho.mqtt.properties import Properties
-    from paho.mqtt.reasoncodes import ReasonCode
-
     from hearth.service.mqtt import MqttIdentity
 
 __all__ = [
@@ -121,9 +118,6 @@ UNIT_CACHE_TTL = 30.0
 UNKNOWN_CACHE_TTL = 5.0
 UNIT_CACHE_MAX = 100_000
 _INSERT_CHUNK = 500
-_PUBACK = 0x40
-_PUBACK_PACKET = struct.Struct("!BBH").pack
-_PUBACKS_PER_WRITE = 4096
 
 _Kind = Literal["telemetry", "event", "cmd/result", ""]
 
@@ -348,6 +342,18 @@ class _UnitCache:
         self.put(device_id, info, now)
         return info
 
+    def preload(self) -> int:
+        """Cache up to ``UNIT_CACHE_MAX`` units in one query (instead of one lookup per
+        unit as each is first heard from); returns how many."""
+        now = self._clock()
+        with self._sf() as session:
+            rows = session.execute(
+                sa.select(Unit.device_id, Unit.model, Unit.status).limit(UNIT_CACHE_MAX)
+            ).all()
+        for row in rows:
+            self.put(row.device_id, _unit_info(row.model, row.status), now)
+        return len(rows)
+
     def put(self, device_id: str, info: _UnitInfo | None, now: float | None = None) -> None:
         now = self._clock() if now is None else now
         ttl = UNIT_CACHE_TTL if info is not None else UNKNOWN_CACHE_TTL
@@ -546,6 +552,14 @@ class IngestCore:
         if not self._batch:
             return None
         return max(0.0, self.flush_interval - (self._clock() - self._first_pending_at))
+
+    def preload_units(self) -> int:
+        """Fill the unit cache in one query; returns how many units it holds.
+
+        Raises:
+            sqlalchemy.exc.SQLAlchemyError: the database cannot be read.
+        """
+        return self._units.preload()
 
     def invalidate(self, device_id: str | None = None) -> None:
         """Forget cached unit facts (all, or one unit's)."""
@@ -939,12 +953,14 @@ class IngestCore:
 class IngestWorker:
     """Runs an :class:`IngestCore` on the broker's shared ingest subscriptions.
 
-    Threads: paho's network loop puts messages on a queue; one worker thread classifies,
-    flushes and then acknowledges (``manual_ack``) what was committed. When the database
-    is unavailable the worker keeps the batch, backs off and retries; unacknowledged
-    messages stay with the broker (MQTT v5 Receive Maximum bounds how many are in flight).
-    Acks of messages received on an earlier connection are not sent - the broker
-    redelivers those on the resumed session, and the copy is counted as a duplicate.
+    Threads: a :class:`hearth.service.subscriber.Subscriber` network thread reads the
+    messages (persistent session, ``$share/hearth-ingest/...`` at QoS 1) and puts each read
+    burst on a queue; one worker thread classifies, flushes and then acknowledges what
+    was committed. When the database is unavailable the worker keeps the batch, backs off
+    and retries; unacknowledged messages stay with the broker (the session's Receive
+    Maximum bounds how many are in flight). Acks of messages received on an earlier
+    connection are not sent - the broker redelivers those on the resumed session, and the
+    copy is counted as a duplicate.
     """
 
     def __init__(
@@ -961,123 +977,83 @@ class IngestWorker:
         self._client_id = client_id or identity.client_id
         self._session_expiry = session_expiry
         self._max_backoff = max_backoff
-        self._queue: queue.SimpleQueue[tuple[int, MQTTMessage, dt.datetime]] = (
+        self._queue: queue.SimpleQueue[tuple[int, dt.datetime, list[Message]]] = (
             queue.SimpleQueue()
         )
+        self._carry: tuple[int, dt.datetime, list[Message], int] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._client: Client | None = None
-        self._generation = 0
-        self._connected = threading.Event()
-        self._subscribed = threading.Event()
+        self._subscriber: Subscriber | None = None
         self._acked = 0
-        self._lock = threading.Lock()
 
     @property
     def connected(self) -> bool:
-        return self._connected.is_set()
+        return self._subscriber is not None and self._subscriber.connected
 
     @property
     def subscribed(self) -> bool:
-        return self._subscribed.is_set()
+        return self._subscriber is not None and self._subscriber.subscribed
 
     def start(self) -> None:
         """Connect (in the background, retrying) and start consuming."""
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
-        from hearth.service.mqtt import make_client
-
         if self._thread is not None:
             raise RuntimeError("worker already started")
-        client = make_client(self._identity, client_id=self._client_id, clean_start=False,
-                             session_expiry=self._session_expiry)
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = self._session_expiry
-        props.ReceiveMaximum = min(65535, max(self._core.batch_size * 2, 20))
-        client.connect_async(self._identity.host, self._identity.port,
-                             clean_start=False, properties=props)
-        client.manual_ack_set(True)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_message
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
-        self._client = client
+        self._subscriber = Subscriber(
+            self._identity, SUBSCRIPTIONS, self._on_messages, client_id=self._client_id,
+            qos=1, clean_start=False, session_expiry=self._session_expiry,
+            receive_maximum=min(0xFFFF, max(self._core.batch_size * 2, 20)),
+            name=f"{self._client_id}-net")
         # Everything that exists now (modules, ORM/pydantic schemas, ...) lives as long as
         # the process: exclude it from the garbage collector's full scans, which otherwise
         # walk it again and again as the stream of short-lived messages triggers them.
         gc.freeze()
         self._thread = threading.Thread(target=self._run, name="hearth-ingest", daemon=True)
         self._thread.start()
-        client.loop_start()
+        self._subscriber.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Flush what can be flushed, acknowledge it, disconnect."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        client = self._client
-        if client is not None:
-            client.disconnect()
-            client.loop_stop()
-        self._connected.clear()
-        self._subscribed.clear()
+        if self._subscriber is not None:
+            self._subscriber.stop(timeout)
 
     def stats(self) -> dict[str, int]:
         out = self._core.stats()
         out["queued"] = self._queue.qsize()
         out["acked"] = self._acked
         out["connected"] = int(self.connected)
+        if self._subscriber is not None:
+            for key in ("connects", "connection_errors", "protocol_errors", "refused"):
+                out[f"mqtt.{key}"] = self._subscriber.stats[key]
         return out
 
-    # -- paho callbacks (network thread) ---------------------------------------------------
+    # -- network thread --------------------------------------------------------------------
 
-    def _on_connect(self, client: Client, _userdata: object, _flags: ConnectFlags,
-                    reason: ReasonCode, _props: Properties | None) -> None:
-        if reason.is_failure:
-            log.warning("ingest: broker refused the connection: %s", reason)
-            return
-        with self._lock:
-            self._generation += 1
-        self._connected.set()
-        client.subscribe([(t, 1) for t in SUBSCRIPTIONS])
-
-    def _on_subscribe(self, _client: Client, _userdata: object, _mid: int,
-                      reasons: list[ReasonCode], _props: Properties | None) -> None:
-        if any(r.is_failure for r in reasons):
-            log.error("ingest: the broker refused a subscription: %s", reasons)
-            return
-        self._subscribed.set()
-
-    def _on_disconnect(self, _client: Client, _userdata: object, _flags: DisconnectFlags,
-                       reason: ReasonCode, _props: Properties | None) -> None:
-        self._connected.clear()
-        self._subscribed.clear()
-        if not self._stop.is_set():
-            log.warning("ingest: disconnected from the broker (%s); reconnecting", reason)
-
-    def _on_message(self, _client: Client, _userdata: object, message: MQTTMessage) -> None:
-        self._queue.put((self._generation, message, utcnow()))
+    def _on_messages(self, generation: int, received_at: dt.datetime,
+                     messages: list[Message]) -> None:
+        self._queue.put((generation, received_at, messages))
 
     # -- worker thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._core.preload_units()
+        except sa.exc.SQLAlchemyError:
+            log.warning("ingest: could not preload the unit cache; units are looked up "
+                        "as they are heard from")
         backoff = 0.1
         while not self._stop.is_set():
-            wait = self._core.seconds_until_due()
-            try:
-                item = self._queue.get(timeout=0.2 if wait is None else max(wait, 0.001))
-            except queue.Empty:
-                item = None
-            while item is not None:
-                self._take(item)
-                if self._core.pending >= self._core.batch_size:
-                    break
+            if self._carry is None:
+                wait = self._core.seconds_until_due()
                 try:
-                    item = self._queue.get_nowait()
+                    generation, received_at, messages = self._queue.get(
+                        timeout=0.2 if wait is None else max(wait, 0.001))
+                    self._carry = (generation, received_at, messages, 0)
                 except queue.Empty:
-                    item = None
+                    pass
+            self._take()
             if self._core.flush_due():
                 if self._flush():
                     backoff = 0.1
@@ -1089,6 +1065,30 @@ class IngestWorker:
         # or not committed is unacknowledged, so the broker keeps it for the next start.
         if self._core.pending:
             self._flush()
+
+    def _take(self) -> None:
+        """Classify queued messages until the batch is full or the queue is empty."""
+        core = self._core
+        room = core.batch_size - core.pending
+        while self._carry is not None and room > 0:
+            generation, received_at, messages, index = self._carry
+            end = min(len(messages), index + room)
+            for message in messages[index:end]:
+                try:
+                    topic = message.topic.decode()
+                except UnicodeDecodeError:
+                    topic = message.topic.decode("utf-8", "replace")  # refused: not a topic
+                core.handle(topic, message.payload, received_at,
+                            ack=(generation, message.packet_id, message.qos))
+            room -= end - index
+            if end < len(messages):
+                self._carry = (generation, received_at, messages, end)
+                return
+            try:
+                generation, received_at, messages = self._queue.get_nowait()
+                self._carry = (generation, received_at, messages, 0)
+            except queue.Empty:
+                self._carry = None
 
     def _flush(self) -> bool:
         try:
@@ -1102,61 +1102,23 @@ class IngestWorker:
         self._ack(acks)
         return True
 
-    def _take(self, item: tuple[int, MQTTMessage, dt.datetime]) -> None:
-        generation, message, received_at = item
-        try:
-            topic = message.topic
-        except UnicodeDecodeError:
-            topic = "<undecodable topic>"
-        self._core.handle(topic, bytes(message.payload), received_at,
-                          ack=(generation, message.mid, message.qos))
-
     def _ack(self, acks: Iterable[object]) -> None:
-        client = self._client
-        if client is None:
+        """PUBACK the QoS 1 messages among ``acks`` (tokens ``(generation, packet id,
+        qos)``), in order, per connection; the subscriber drops those of a connection
+        that is gone."""
+        subscriber = self._subscriber
+        if subscriber is None:
             return
-        with self._lock:
-            generation = self._generation
-        puback: list[int] = []
+        pending: list[int] = []
+        current = -1
         for token in acks:
-            if not isinstance(token, tuple):
-                continue
-            gen, mid, qos = token
-            if gen != generation or qos == 0:
-                continue
-            if qos == 1:
-                puback.append(mid)
-                continue
-            try:
-                client.ack(mid, qos)
-                self._acked += 1
-            except Exception:  # noqa: BLE001 - a lost ack means a redelivery, not a loss
-                log.warning("ingest: could not acknowledge a message; it will be redelivered")
-        if puback:
-            self._puback(client, puback)
-
-    def _puback(self, client: Client, mids: Sequence[int]) -> None:
-        """PUBACK ``mids`` (QoS 1). paho's ``ack`` queues one packet per message, each
-        written as its own TLS record after waking the network thread; a committed batch
-        is acknowledged with one write instead: the same PUBACK packets (MQTT 3.1.1/5:
-        fixed header, remaining length 2, packet id; reason code 0 omitted), concatenated
-        and queued through paho's packet queue. Falls back to ``ack`` per message if this
-        paho has no such queue."""
-        queue_packet = getattr(client, "_packet_queue", None)
-        if callable(queue_packet) and getattr(client, "_manual_ack", False):
-            try:
-                for start in range(0, len(mids), _PUBACKS_PER_WRITE):
-                    chunk = mids[start:start + _PUBACKS_PER_WRITE]
-                    queue_packet(_PUBACK, b"".join([_PUBACK_PACKET(_PUBACK, 2, mid)
-                                                     for mid in chunk]), 0, 0)
-                    self._acked += len(chunk)
-                return
-            except Exception:  # noqa: BLE001 - a lost ack means a redelivery, not a loss
-                log.warning("ingest: could not acknowledge messages; they will be redelivered")
-                return
-        for mid in mids:  # pragma: no cover - other paho versions
-            try:
-                client.ack(mid, 1)
-                self._acked += 1
-            except Exception:  # noqa: BLE001 - a lost ack means a redelivery, not a loss
-                log.warning("ingest: could not acknowledge a message; it will be redelivered")
+            if not isinstance(token, tuple) or token[2] != 1:
+                continue  # QoS 0: nothing to acknowledge
+            generation, packet_id, _qos = token
+            if generation != current and pending:
+                self._acked += subscriber.ack(current, pending)
+                pending = []
+            current = generation
+            pending.append(packet_id)
+        if pending:
+            self._acked += subscriber.ack(current, pending)
