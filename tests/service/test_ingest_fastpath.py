@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import random
 from typing import Any
 
 import pytest
@@ -22,6 +23,8 @@ from hearth.service.ingest import (
     INTERNAL_ERROR,
     IngestCore,
     _digest,
+    _telemetry_digest,
+    _utc,
 )
 from hearth.service.models import IngestCounter, QuarantineRow, TelemetryRow
 from tests.service import messages as m
@@ -53,6 +56,30 @@ def test_digest_is_the_canonical_sha256_as_stored(offset: int) -> None:
                                       topic_device_id=dev, model=protocol.MODELS["thermostat"],
                                       now=dt.datetime.now(dt.UTC))
     assert _digest(parsed) == _reference_digest(parsed)
+
+
+def test_telemetry_digest_fast_path_equals_the_reference() -> None:
+    """The hand-written canonical form of telemetry, over random messages as a unit could
+    send them (any offset, microseconds or none, extreme floats, escaped strings)."""
+    rng = random.Random(20261125)
+    values: list[object] = [True, False, 0.0, -0.0, 1e-7, 85.0, -40.0, 1e16, 123456.789,
+                            21, "é", '"q"', "\\", "\u2028", "a\tb", "\x7f", ""]
+    for i in range(2000):
+        ts = dt.datetime(2026, 1, 1, tzinfo=dt.timezone(dt.timedelta(
+            minutes=rng.randrange(-14 * 60, 14 * 60)))) + dt.timedelta(
+            seconds=rng.randrange(10**7), microseconds=rng.choice([0, rng.randrange(10**6)]))
+        names = rng.sample(["temperature", "humidity", "heater", "target", "a", "z_9"],
+                           rng.randrange(0, 6))
+        readings: dict[str, Any] = {}
+        for name in names:
+            value = rng.choice(values)
+            readings[name] = rng.uniform(-1e6, 1e6) if value == 21 else value
+        raw = m.telemetry(format(i, "032x"), rng.randrange(2**40), readings,
+                          ts=ts.isoformat())
+        msg = protocol.Telemetry.model_validate_json(raw)
+        digest, readings_json = _telemetry_digest(msg, _utc(msg.ts))
+        assert digest == _reference_digest(msg) == _digest(msg)
+        assert json.loads(readings_json) == msg.readings
 
 
 def _counters(sf: sessionmaker[Session]) -> dict[tuple[str, str], int]:

@@ -153,6 +153,8 @@ class _Entry:
     digest: str = ""
     raw: bytes | None = None  # kept only while the entry still has to be classified
     deferred: bool = False
+    ts: dt.datetime | None = None  # msg.ts in UTC
+    readings_json: str = ""  # telemetry: canonical JSON of the readings
 
     def refuse(self, reason: str, detail: str) -> None:
         self.reason, self.detail = reason, detail
@@ -161,7 +163,7 @@ class _Entry:
     def copy(self) -> _Entry:
         return _Entry(self.topic, self.received_at, self.ack, self.size, self.excerpt,
                       self.device_id, self.kind, self.reason, self.detail, self.msg,
-                      self.digest, self.raw, self.deferred)
+                      self.digest, self.raw, self.deferred, self.ts, self.readings_json)
 
 
 def _clean(text: str, limit: int) -> str:
@@ -184,11 +186,22 @@ def _digest(msg: protocol.Telemetry | protocol.Event | protocol.CommandResult) -
     ``ts`` in UTC ISO 8601. It is stored with the row, so it must never change: the
     messages are flat pydantic models (no aliases, no nested models), so their field
     dict is what ``model_dump(mode="python")`` would give (a test pins the equality).
+    Telemetry takes :func:`_telemetry_digest`, which gives the same digest faster.
     """
     data = dict(msg.__dict__)
-    ts = msg.ts
-    data["ts"] = (ts if ts.tzinfo is dt.UTC else ts.astimezone(dt.UTC)).isoformat()
+    data["ts"] = _utc(msg.ts).isoformat()
     return _sha256(_CANONICAL.encode(data).encode()).hexdigest()
+
+
+def _telemetry_digest(msg: protocol.Telemetry, ts: dt.datetime) -> tuple[str, str]:
+    """(:func:`_digest` of ``msg``, canonical JSON of its readings) with ``ts`` =
+    ``msg.ts`` in UTC. The hot path: the five fields in sorted order are written out
+    here (``device_id`` is 32 hex digits by the schema, so it needs no escaping); the
+    readings' JSON is reused as the stored column. A test pins the equality."""
+    readings = _CANONICAL.encode(msg.readings)
+    body = (f'{{"device_id":"{msg.device_id}","readings":{readings},"seq":{msg.seq:d},'
+            f'"ts":"{ts.isoformat()}","v":{msg.v:d}}}')
+    return _sha256(body.encode()).hexdigest(), readings
 
 
 def _has_nul(msg: protocol.Event | protocol.CommandResult) -> bool:
@@ -204,18 +217,24 @@ def _utc(ts: dt.datetime) -> dt.datetime:
 
 
 class _LockedUnit:
-    """The columns of a unit row locked by a write transaction, and what it changes."""
+    """The columns of a unit row locked by a write transaction, and what it changes.
 
-    __slots__ = ("last_seen_at", "latest_seq", "latest_state", "latest_ts", "model",
-                 "new_state", "status")
+    ``delta`` is what newly stored telemetry adds to the unit's latest state (readings
+    merged in sequence order); the database merges it into the stored state itself
+    (``||`` on PostgreSQL, ``json_patch`` on SQLite), so the state is never read here.
+    ``delta_json`` is its JSON when already known (one message: its canonical readings).
+    """
+
+    __slots__ = ("delta", "delta_json", "last_seen_at", "latest_seq", "latest_ts", "model",
+                 "status")
 
     def __init__(self, model: str, status: str, last_seen_at: dt.datetime | None,
-                 latest_seq: int | None, latest_state: dict[str, Any] | None) -> None:
+                 latest_seq: int | None) -> None:
         self.model, self.status = model, status
-        self.last_seen_at, self.latest_seq, self.latest_state = (
-            last_seen_at, latest_seq, latest_state)
+        self.last_seen_at, self.latest_seq = last_seen_at, latest_seq
         self.latest_ts: dt.datetime | None = None
-        self.new_state: dict[str, Any] | None = None
+        self.delta: dict[str, Any] | None = None
+        self.delta_json: str | None = None
 
 
 def _table(model: type[Any]) -> sa.Table:
@@ -275,7 +294,8 @@ UPDATE units AS u SET
   last_seen_at = v.seen,
   latest_seq = CASE WHEN v.state IS NULL THEN u.latest_seq ELSE v.seq END,
   latest_ts = CASE WHEN v.state IS NULL THEN u.latest_ts ELSE v.ts END,
-  latest_state = COALESCE(v.state, u.latest_state)
+  latest_state = CASE WHEN v.state IS NULL THEN u.latest_state
+                      ELSE COALESCE(u.latest_state, '{}'::jsonb) || v.state END
 FROM unnest(%b::text[], %b::timestamptz[], %b::bigint[], %b::timestamptz[], %b::jsonb[])
   AS v(device_id, seen, seq, ts, state)
 WHERE u.device_id = v.device_id"""
@@ -312,7 +332,9 @@ _SQLITE_UPDATE_STATE = (
     .values(last_seen_at=sa.bindparam("_seen", type_=_UNITS.c.last_seen_at.type),
             latest_seq=sa.bindparam("_seq", type_=_UNITS.c.latest_seq.type),
             latest_ts=sa.bindparam("_ts", type_=_UNITS.c.latest_ts.type),
-            latest_state=sa.bindparam("_state", type_=_UNITS.c.latest_state.type))
+            latest_state=sa.func.json_patch(
+                sa.func.coalesce(_UNITS.c.latest_state, sa.literal_column("'{}'")),
+                sa.bindparam("_state", type_=sa.Text())))
 )
 
 
@@ -532,7 +554,12 @@ class IngestCore:
             return
         entry.kind = cast(_Kind, kind)
         entry.msg = msg
-        entry.digest = _digest(msg)
+        entry.ts = _utc(msg.ts)
+        if kind == "telemetry":
+            entry.digest, entry.readings_json = _telemetry_digest(
+                msg, entry.ts)  # type: ignore[arg-type]
+        else:
+            entry.digest = _digest(msg)
         entry.reason = ACCEPTED
 
     # -- batching -------------------------------------------------------------------------
@@ -678,8 +705,7 @@ class IngestCore:
         if not ids:
             return units
         t = _UNITS
-        cols = (t.c.device_id, t.c.model, t.c.status, t.c.last_seen_at, t.c.latest_seq,
-                t.c.latest_state)
+        cols = (t.c.device_id, t.c.model, t.c.status, t.c.last_seen_at, t.c.latest_seq)
         if pg:  # one array parameter: the same short statement for any number of units
             chunks = [ids]
             where = t.c.device_id == sa.any_(sa.bindparam("ids", type_=_TEXT_ARRAY))
@@ -689,7 +715,7 @@ class IngestCore:
         stmt = sa.select(*cols).where(where).order_by(t.c.device_id).with_for_update()
         for chunk in chunks:
             for r in conn.execute(stmt, {"ids": chunk}):
-                units[r[0]] = _LockedUnit(r[1], r[2], r[3], r[4], r[5])
+                units[r[0]] = _LockedUnit(r[1], r[2], r[3], r[4])
         return units
 
     def _store_series(
@@ -742,14 +768,13 @@ class IngestCore:
                           ordered: Sequence[tuple[tuple[str, int], _Entry]]
                           ) -> list[tuple[str, int]]:
         """Insert; returns the keys that were already stored (conflicts), in order."""
-        dumps = json.dumps
         device_ids = [k[0] for k, _ in ordered]
         seqs = [k[1] for k, _ in ordered]
-        tss = [_utc(e.msg.ts) for _, e in ordered]  # type: ignore[union-attr]
+        tss = [e.ts for _, e in ordered]
         received = [e.received_at for _, e in ordered]
         digests = [e.digest for _, e in ordered]
         if kind == "telemetry":
-            extra = [[dumps(e.msg.readings) for _, e in ordered]]  # type: ignore[union-attr]
+            extra = [[e.readings_json for _, e in ordered]]
             sql = _PG_INSERT_TELEMETRY
         else:
             extra = [[e.msg.kind for _, e in ordered],  # type: ignore[union-attr]
@@ -859,29 +884,33 @@ class IngestCore:
             unit = units[e.device_id]
             if unit.latest_seq is not None and msg.seq <= unit.latest_seq:
                 continue  # an older message arriving late: stored, but not the current state
-            if unit.new_state is None:
-                unit.new_state = dict(unit.latest_state or {})
-            unit.new_state.update(msg.readings)
+            if unit.delta is None:
+                unit.delta, unit.delta_json = msg.readings, e.readings_json or None
+            else:
+                unit.delta, unit.delta_json = {**unit.delta, **msg.readings}, None
             unit.latest_seq = msg.seq
-            unit.latest_ts = msg.ts
+            unit.latest_ts = e.ts
             changed[e.device_id] = unit
         if not changed:
             return
         ordered = sorted(changed.items())
+        dumps = _CANONICAL.encode
+        for _, u in ordered:
+            if u.delta is not None and u.delta_json is None:
+                u.delta_json = dumps(u.delta)
         if pg:
-            dumps = json.dumps
             conn.exec_driver_sql(_PG_UPDATE_UNITS, (
                 [d for d, _ in ordered],
                 [u.last_seen_at for _, u in ordered],
                 [u.latest_seq for _, u in ordered],
-                [None if u.latest_ts is None else _utc(u.latest_ts) for _, u in ordered],
-                [None if u.new_state is None else dumps(u.new_state) for _, u in ordered],
+                [u.latest_ts for _, u in ordered],
+                [u.delta_json for _, u in ordered],
             ))
             return
-        seen = [{"_d": d, "_seen": u.last_seen_at} for d, u in ordered if u.new_state is None]
+        seen = [{"_d": d, "_seen": u.last_seen_at} for d, u in ordered if u.delta is None]
         state = [{"_d": d, "_seen": u.last_seen_at, "_seq": u.latest_seq,
-                  "_ts": u.latest_ts, "_state": u.new_state}
-                 for d, u in ordered if u.new_state is not None]
+                  "_ts": u.latest_ts, "_state": u.delta_json}
+                 for d, u in ordered if u.delta is not None]
         if seen:
             conn.execute(_SQLITE_UPDATE_SEEN, seen)
         if state:
