@@ -82,6 +82,39 @@ def test_telemetry_digest_fast_path_equals_the_reference() -> None:
         assert json.loads(readings_json) == msg.readings
 
 
+def test_series_rows_are_stored_as_the_orm_would_store_them(
+    sf: sessionmaker[Session], imported: Fleet
+) -> None:
+    """The SQLite fast path binds values already in storage form; PostgreSQL gets arrays.
+    Rows written by the ORM and by the ingest for the same message must hold the same
+    column values, down to the stored text of timestamps (microseconds or none, any offset)."""
+    a, b, _ = imported.thermostats
+    received = [dt.datetime(2026, 3, 1, 0, 0, 0, tzinfo=dt.UTC),
+                dt.datetime(2026, 3, 1, 23, 59, 59, 999999, tzinfo=dt.timezone(
+                    dt.timedelta(hours=-5)))]
+    core = IngestCore(sf, batch_size=100)
+    for seq, at in enumerate(received, start=1):
+        ts = at - dt.timedelta(seconds=seq)
+        raw = m.telemetry(a, seq, {"temperature": 20.25, "heater": seq == 1},
+                          ts=ts.isoformat())
+        core.handle(m.topic(a), raw, at)
+        msg = protocol.Telemetry.model_validate_json(raw)
+        with sf.begin() as s:
+            s.add(TelemetryRow(device_id=b, seq=seq, ts=msg.ts, received_at=at,
+                               readings=dict(msg.readings), digest=_digest(msg)))
+    core.flush()
+    with sf() as s:
+        query = sa.text("SELECT seq, ts, received_at, digest, readings FROM telemetry "
+                        "WHERE device_id = :d ORDER BY seq")
+        raw_rows = {d: s.execute(query, {"d": d}).all() for d in (a, b)}
+    assert len(raw_rows[a]) == 2
+    for fast, orm in zip(raw_rows[a], raw_rows[b], strict=True):
+        assert fast[:3] == orm[:3]  # seq and both timestamps, as stored
+        readings = [r if isinstance(r, dict) else json.loads(r) for r in (fast[4], orm[4])]
+        assert readings[0] == readings[1]
+    assert [r[3] for r in raw_rows[a]] == [r[3] for r in raw_rows[b]]  # same canonical digest
+
+
 def _counters(sf: sessionmaker[Session]) -> dict[tuple[str, str], int]:
     with sf() as s:
         return {(c.device_id, c.reason): c.count for c in s.scalars(sa.select(IngestCounter))}

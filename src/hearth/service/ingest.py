@@ -47,6 +47,7 @@ from __future__ import annotations
 import base64
 import collections
 import datetime as dt
+import functools
 import gc
 import hashlib
 import json
@@ -60,7 +61,6 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg_dialect
-from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.orm import Session, sessionmaker
 
 from hearth import protocol
@@ -306,36 +306,38 @@ ON CONFLICT (device_id, reason) DO UPDATE
 SET "count" = ingest_counters."count" + excluded."count\""""
 
 
-def _sqlite_insert_series(table: sa.Table) -> Any:
-    return (sqlite_dialect.insert(table)
-            .on_conflict_do_nothing(index_elements=["device_id", "seq"])
-            .returning(table.c.device_id, table.c.seq))
+_SQLITE_SERIES_COLUMNS = {
+    "telemetry": ("device_id", "seq", "ts", "received_at", "digest", "readings"),
+    "events": ("device_id", "seq", "ts", "received_at", "digest", "kind", "detail"),
+}
 
 
-def _sqlite_upsert_counters() -> Any:
-    stmt = sqlite_dialect.insert(_COUNTERS)
-    return stmt.on_conflict_do_update(
-        index_elements=["device_id", "reason"],
-        set_={"count": _COUNTERS.c["count"] + stmt.excluded["count"]},
-    )
+@functools.lru_cache(maxsize=64)
+def _sqlite_insert_sql(table: str, rows: int) -> str:
+    cols = _SQLITE_SERIES_COLUMNS[table]  # KeyError for any other name: fixed SQL only
+    one = "(" + ",".join("?" * len(cols)) + ")"
+    return (f"INSERT INTO {table} ({', '.join(cols)}) "  # noqa: S608 - names are constants
+            f"VALUES {','.join([one] * rows)} "
+            "ON CONFLICT (device_id, seq) DO NOTHING RETURNING device_id, seq")
 
 
-# SQLite: cached statements run as executemany (one writer at a time; no array types).
-_SQLITE_INSERT_SERIES = {t.name: _sqlite_insert_series(t) for t in (_TELEMETRY, _EVENTS)}
-_SQLITE_UPSERT_COUNTERS = _sqlite_upsert_counters()
-_SQLITE_UPDATE_SEEN = (
-    sa.update(_UNITS).where(_UNITS.c.device_id == sa.bindparam("_d"))
-    .values(last_seen_at=sa.bindparam("_seen", type_=_UNITS.c.last_seen_at.type))
-)
+def _sqlite_ts(ts: dt.datetime | None) -> str | None:
+    """An aware datetime as SQLAlchemy stores ``UTCDateTime`` in SQLite: UTC wall time,
+    always with microseconds."""
+    if ts is None:
+        return None
+    return _utc(ts).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+# SQLite: plain statements run as executemany with values already in storage form (one
+# writer at a time; no array types). The same SQL SQLAlchemy compiles for these tables.
+_SQLITE_UPSERT_COUNTERS = (
+    "INSERT INTO ingest_counters (device_id, reason, count) VALUES (?, ?, ?) "
+    "ON CONFLICT (device_id, reason) DO UPDATE SET count = ingest_counters.count + excluded.count")
+_SQLITE_UPDATE_SEEN = "UPDATE units SET last_seen_at = ? WHERE device_id = ?"
 _SQLITE_UPDATE_STATE = (
-    sa.update(_UNITS).where(_UNITS.c.device_id == sa.bindparam("_d"))
-    .values(last_seen_at=sa.bindparam("_seen", type_=_UNITS.c.last_seen_at.type),
-            latest_seq=sa.bindparam("_seq", type_=_UNITS.c.latest_seq.type),
-            latest_ts=sa.bindparam("_ts", type_=_UNITS.c.latest_ts.type),
-            latest_state=sa.func.json_patch(
-                sa.func.coalesce(_UNITS.c.latest_state, sa.literal_column("'{}'")),
-                sa.bindparam("_state", type_=sa.Text())))
-)
+    "UPDATE units SET last_seen_at = ?, latest_seq = ?, latest_ts = ?, "
+    "latest_state = json_patch(coalesce(latest_state, '{}'), ?) WHERE device_id = ?")
 
 
 class _UnitCache:
@@ -789,23 +791,30 @@ class IngestCore:
     def _insert_series_sqlite(conn: sa.Connection, table: sa.Table,
                               ordered: Sequence[tuple[tuple[str, int], _Entry]]
                               ) -> set[tuple[str, int]]:
-        # One cached statement run as "executemany": SQLAlchemy batches it into multi-row
-        # INSERT ... ON CONFLICT DO NOTHING RETURNING (insertmanyvalues). Rows that hit the
-        # unique (device_id, seq) constraint return nothing; the caller resolves them.
-        stmt = _SQLITE_INSERT_SERIES[table.name]
-        rows: list[dict[str, Any]] = []
-        for (device_id, seq), e in ordered:
-            msg = e.msg
-            row: dict[str, Any] = {"device_id": device_id, "seq": seq, "ts": msg.ts,  # type: ignore[union-attr]
-                                   "received_at": e.received_at, "digest": e.digest}
-            if isinstance(msg, protocol.Telemetry):
-                row["readings"] = msg.readings
-            else:
-                assert isinstance(msg, protocol.Event)
-                row["kind"] = msg.kind
-                row["detail"] = msg.detail
-            rows.append(row)
-        return {(r[0], r[1]) for r in conn.execute(stmt, rows)}
+        """Insert; returns the keys inserted. Rows that hit the unique (device_id, seq)
+        constraint return nothing; the caller resolves them.
+
+        One multi-row ``INSERT ... ON CONFLICT DO NOTHING RETURNING`` per chunk, with the
+        values already in SQLite's storage form (what SQLAlchemy's types would bind:
+        UTC wall time ``YYYY-MM-DD HH:MM:SS.ffffff``, JSON text - a test pins both), so
+        no per-row type processing runs."""
+        inserted: set[tuple[str, int]] = set()
+        telemetry = table.name == "telemetry"
+        for start in range(0, len(ordered), _INSERT_CHUNK):
+            chunk = ordered[start:start + _INSERT_CHUNK]
+            params: list[object] = []
+            add = params.extend
+            for (device_id, seq), e in chunk:
+                msg = e.msg
+                head = (device_id, seq, _sqlite_ts(e.ts), _sqlite_ts(e.received_at), e.digest)
+                add(head)
+                if telemetry:
+                    params.append(e.readings_json or _CANONICAL.encode(msg.readings))  # type: ignore[union-attr]
+                else:
+                    add((msg.kind, msg.detail))  # type: ignore[union-attr]
+            sql = _sqlite_insert_sql(table.name, len(chunk))
+            inserted.update((r[0], r[1]) for r in conn.exec_driver_sql(sql, tuple(params)))
+        return inserted
 
     @staticmethod
     def _stored_digests(conn: sa.Connection, pg: bool, table: sa.Table,
@@ -907,14 +916,13 @@ class IngestCore:
                 [u.delta_json for _, u in ordered],
             ))
             return
-        seen = [{"_d": d, "_seen": u.last_seen_at} for d, u in ordered if u.delta is None]
-        state = [{"_d": d, "_seen": u.last_seen_at, "_seq": u.latest_seq,
-                  "_ts": u.latest_ts, "_state": u.delta_json}
-                 for d, u in ordered if u.delta is not None]
+        seen = [(_sqlite_ts(u.last_seen_at), d) for d, u in ordered if u.delta is None]
+        state = [(_sqlite_ts(u.last_seen_at), u.latest_seq, _sqlite_ts(u.latest_ts),
+                  u.delta_json, d) for d, u in ordered if u.delta is not None]
         if seen:
-            conn.execute(_SQLITE_UPDATE_SEEN, seen)
+            conn.exec_driver_sql(_SQLITE_UPDATE_SEEN, seen)
         if state:
-            conn.execute(_SQLITE_UPDATE_STATE, state)
+            conn.exec_driver_sql(_SQLITE_UPDATE_STATE, state)
 
     def _store_quarantine(self, conn: sa.Connection, entries: Sequence[_Entry]) -> None:
         per_key: collections.Counter[tuple[str | None, str]] = collections.Counter()
@@ -953,8 +961,7 @@ class IngestCore:
                 [n for _, n in ordered],
             ))
             return
-        conn.execute(_SQLITE_UPSERT_COUNTERS,
-                     [{"device_id": d, "reason": r, "count": n} for (d, r), n in ordered])
+        conn.exec_driver_sql(_SQLITE_UPSERT_COUNTERS, [(d, r, n) for (d, r), n in ordered])
 
     # -- observability --------------------------------------------------------------------
 
