@@ -25,6 +25,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from hearth.factory import load_manifest, mint
 from hearth.pki import MakerPKI
 from hearth.service import db, fleet
+from hearth.service.broker import Broker, units_from_manifest
+from tests.helpers import free_port
 
 PG_URL = os.environ.get("HEARTH_TEST_DATABASE_URL", "")
 
@@ -118,3 +120,16 @@ def imported(sf: sessionmaker[Session], minted: Fleet, session_pki: MakerPKI) ->
 
 def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+@pytest.fixture
+def broker(session_pki: MakerPKI, minted: Fleet, tmp_path: Path) -> Iterator[Broker]:
+    """A real Mosquitto (supervised by :class:`Broker`) knowing the minted units, on a free
+    port in this test's directory."""
+    b = Broker(tmp_path / "broker", session_pki, port=free_port(),
+               units=units_from_manifest(minted.manifest))
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()

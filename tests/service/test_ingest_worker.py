@@ -4,7 +4,6 @@ nothing lost when the worker dies before its batch is committed."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +12,11 @@ import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session, sessionmaker
 
-from hearth.pki import MakerPKI
-from hearth.service.broker import Broker, units_from_manifest
+from hearth.service.broker import Broker
 from hearth.service.ingest import IngestCore, IngestWorker
 from hearth.service.models import IngestCounter, TelemetryRow
 from hearth.service.mqtt import MqttIdentity, make_client
-from tests.helpers import free_port, wait_until
+from tests.helpers import wait_until
 from tests.service import messages as m
 from tests.service.conftest import Fleet
 
@@ -26,17 +24,6 @@ if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists(
     pytest.fail("Mosquitto is not installed (apt-get install mosquitto)", pytrace=False)
 
 pytestmark = [pytest.mark.broker, pytest.mark.parametrize("backend", ["sqlite"], indirect=True)]
-
-
-@pytest.fixture
-def broker(session_pki: MakerPKI, minted: Fleet, tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(tmp_path / "broker", session_pki, port=free_port(),
-               units=units_from_manifest(minted.manifest))
-    b.start()
-    try:
-        yield b
-    finally:
-        b.stop()
 
 
 class UnitClient:

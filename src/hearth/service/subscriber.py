@@ -382,6 +382,7 @@ class Subscriber:
             max_packet=max_packet)
         self._subscribe = subscribe_packet(1, list(subscriptions), qos)
         self._n_filters = len(subscriptions)
+        self._qos = qos
         self._on_messages = on_messages
         self._keepalive = keepalive
         self._connect_timeout = connect_timeout
@@ -433,6 +434,10 @@ class Subscriber:
         self._wake()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():  # still finishing a write: it owns the sockets
+                log.warning("%s: network thread still running after %.0fs", self._name,
+                            timeout)
+                return
         self._wake_r.close()
         self._wake_w.close()
 
@@ -466,7 +471,6 @@ class Subscriber:
             sock: ssl.SSLSocket | None = None
             try:
                 sock = self._open()
-                backoff = self._min_backoff
                 self._serve(sock)
             except ConnectRefused as e:
                 self._failed("refused", e)
@@ -474,7 +478,14 @@ class Subscriber:
                 self._failed("protocol_errors", e)
             except (OSError, TimeoutError) as e:  # ssl.SSLError is an OSError
                 self._failed("connection_errors", e)
+            except Exception as e:  # a bug here or in on_messages: never end the thread
+                log.exception("%s: unexpected error; reconnecting", self._name)
+                self._failed("internal_errors", e)
             finally:
+                # back off anew only after a connection that worked (its SUBACK granted
+                # everything): one refused at SUBACK, or dropped before it, keeps growing
+                if self._subscribed.is_set():
+                    backoff = self._min_backoff
                 with self._lock:
                     self._connected.clear()
                     self._subscribed.clear()
@@ -509,10 +520,8 @@ class Subscriber:
             buf = b""
             deadline = time.monotonic() + self._connect_timeout
             while True:
-                publishes, others, used = parse_packets(buf, self._max_packet)
-                if publishes:
-                    raise ProtocolError("PUBLISH before CONNACK")
-                if others:
+                publishes, others, _ = parse_packets(buf, self._max_packet)
+                if publishes or others:
                     break
                 if time.monotonic() > deadline:
                     raise TimeoutError("no CONNACK within the connect timeout")
@@ -521,9 +530,13 @@ class Subscriber:
                 if not chunk:
                     raise ConnectionError("the broker closed the connection before CONNACK")
                 buf += chunk
-            ptype, _flags, body = others[0]
-            if ptype != _CONNACK or len(body) < 2:
+            # The first packet must be the CONNACK. What follows it in the same read (a
+            # resumed session's queued messages) belongs to this connection: _serve takes it.
+            ptype = buf[0] >> 4
+            if ptype != _CONNACK or len(others[0][2]) < 2:
                 raise ProtocolError(f"expected CONNACK, got packet type {ptype}")
+            body = others[0][2]
+            length, start = _read_varint(buf, 1, len(buf))
             if body[1] >= 0x80:
                 raise ConnectRefused(body[1])
             props, _ = _properties(body, 2, len(body))
@@ -531,7 +544,7 @@ class Subscriber:
             keepalive = props.get(_SERVER_KEEP_ALIVE)
             self._effective_keepalive = (
                 keepalive if isinstance(keepalive, int) and keepalive > 0 else self._keepalive)
-            self._leftover = buf[used:]
+            self._leftover = buf[start + length:]
             sock.settimeout(_WRITE_TIMEOUT)
             sock.sendall(self._subscribe)
             sock.setblocking(False)
@@ -554,6 +567,7 @@ class Subscriber:
         wake = self._wake_r
         with self._lock:
             generation = self._generation
+        unparsed = bool(pending)  # bytes that came with the CONNACK: parse before waiting
         while not self._stop.is_set():
             now = time.monotonic()
             half = self._effective_keepalive / 2
@@ -568,8 +582,9 @@ class Subscriber:
                 continue
             else:
                 timeout = last_sent + half - now
-            if sock.pending() == 0:  # nothing decrypted waiting in the TLS layer
+            if sock.pending() == 0 and not unparsed:  # nothing decrypted waiting in TLS
                 select.select((sock, wake), (), (), timeout)
+            unparsed = False
             # read everything the TLS layer can give without blocking
             closed = False
             while len(pending) < read_cap:
@@ -588,6 +603,8 @@ class Subscriber:
                 if others:
                     ping_sent = self._control(others, ping_sent)
                 if publishes:
+                    if any(m.qos > self._qos for m in publishes):
+                        raise ProtocolError(f"PUBLISH above the granted QoS {self._qos}")
                     received_at = dt.datetime.now(dt.UTC)
                     self.stats["received"] += len(publishes)
                     for k in range(0, len(publishes), _MAX_BURST):
