@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -788,7 +789,8 @@ class ScriptedBroker:
         self.failures: list[OSError] = []
         self.identity = MqttIdentity(
             host="127.0.0.1", port=self.listener.getsockname()[1], username="hearth-ingest",
-            password="pw", client_id="hearth-ingest", certfile=tmp_path / "client.pem",
+            password=secrets.token_urlsafe(16),  # the scripted server does not check it
+            client_id="hearth-ingest", certfile=tmp_path / "client.pem",
             keyfile=tmp_path / "client.key", cafile=tmp_path / "root.pem")
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
