@@ -490,6 +490,7 @@ class Subscriber:
                     self._connected.clear()
                     self._subscribed.clear()
                     self._acks.clear()  # for the old connection: the broker redelivers
+                    self._woken = False  # or the next connection's first acks wait
                 if sock is not None:
                     sock.close()
             if self._stop.is_set():
