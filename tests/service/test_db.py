@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from hearth.errors import ConfigError
 from hearth.service import db
 from hearth.service.models import ApiToken, all_metadata
+from tests.service.conftest import BACKENDS
 
 
 def test_upgrade_head_creates_every_table(engine: Engine) -> None:
@@ -102,3 +103,13 @@ def test_make_engine_refuses_unsupported_urls(tmp_path: Path) -> None:
 def test_migrate_reports_unreachable_database() -> None:
     with pytest.raises(ConfigError, match="migration failed"):
         db.migrate("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=1")
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id == "postgresql"],
+                         indirect=True)
+def test_units_pages_leave_room_for_in_place_updates(engine: Engine) -> None:
+    """Migration 0401: the ingest's per-batch unit updates can stay on their page."""
+    with engine.connect() as conn:
+        options = conn.exec_driver_sql(
+            "SELECT reloptions FROM pg_class WHERE oid = 'units'::regclass").scalar_one()
+    assert "fillfactor=50" in (options or [])
