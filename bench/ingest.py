@@ -363,6 +363,9 @@ def _run_bare(slot0: int, client_ids: list[str], identity: Any, batch_size: int,
     counts = [_Count() for _ in client_ids]
     subs: list[Subscriber] = []
 
+    def read() -> list[tuple[int, int, float]]:
+        return [(c.n, c.n, c.last) for c in counts]
+
     def counter(count: _Count) -> Any:
         def on_messages(generation: int, _at: Any, messages: list[Message]) -> None:
             subs[counts.index(count)].ack(generation, [m.packet_id for m in messages
@@ -379,17 +382,11 @@ def _run_bare(slot0: int, client_ids: list[str], identity: Any, batch_size: int,
         sub.start()
     _wait_ready(lambda: all(s.subscribed for s in subs), conn)
     try:
-        while not conn.poll(0.005):
-            for i, c in enumerate(counts):
-                received[slot0 + i] = stored[slot0 + i] = c.n
-                last[slot0 + i] = c.last
-        conn.recv()
+        _publish_counts(read, slot0, received, stored, last, conn)
     finally:
         for sub in subs:
             sub.stop()
-    for i, c in enumerate(counts):
-        received[slot0 + i] = stored[slot0 + i] = c.n
-        last[slot0 + i] = c.last
+    _publish_counts(read, slot0, received, stored, last)
     conn.send(("stats", [{"received": c.n} for c in counts]))
 
 
@@ -427,21 +424,32 @@ def _run_bare_paho(slot0: int, client_ids: list[str], identity: Any, batch_size:
         client.loop_start()
         clients.append(client)
     _wait_ready(lambda: all(c.subscribed for c in counts), conn)
+
+    def read() -> list[tuple[int, int, float]]:
+        return [(c.n, c.n, c.last) for c in counts]
+
     try:
-        while not conn.poll(0.005):
-            for i, c in enumerate(counts):
-                received[slot0 + i] = c.n
-                stored[slot0 + i] = c.n
-                last[slot0 + i] = c.last
-        conn.recv()
+        _publish_counts(read, slot0, received, stored, last, conn)
     finally:
         for client in clients:
             client.disconnect()
             client.loop_stop()
-    for i, c in enumerate(counts):
-        received[slot0 + i] = stored[slot0 + i] = c.n
-        last[slot0 + i] = c.last
+    _publish_counts(read, slot0, received, stored, last)
     conn.send(("stats", [{"received": c.n} for c in counts]))
+
+
+def _publish_counts(counts: Any, slot0: int, received: Any, stored: Any, last: Any,
+                    conn: Connection | None = None) -> None:
+    """Copy ``counts()`` - (received, stored, last taken at) per consumer - into the shared
+    arrays; with ``conn``, every 5 ms until the parent says stop."""
+    while True:
+        for i, (n_received, n_stored, at) in enumerate(counts()):
+            received[slot0 + i], stored[slot0 + i], last[slot0 + i] = n_received, n_stored, at
+        if conn is None:
+            return
+        if conn.poll(0.005):
+            conn.recv()
+            return
 
 
 def _wait_ready(ready: Any, conn: Connection, timeout: float = 60.0) -> None:
@@ -486,22 +494,17 @@ def _run_ingest(slot0: int, client_ids: list[str], identity: Any, db_url: str,
                for core, cid in zip(cores, client_ids, strict=True)]
     for w in workers:
         w.start()
+    def read() -> list[tuple[int, int, float]]:
+        return [(c.metered_received, c.metered_accepted, c.metered_at) for c in cores]
+
     try:
         _wait_ready(lambda: all(w.subscribed for w in workers), conn)
-        while not conn.poll(0.005):
-            for i, core in enumerate(cores):
-                received[slot0 + i] = core.metered_received
-                stored[slot0 + i] = core.metered_accepted
-                last[slot0 + i] = core.metered_at
-        conn.recv()
+        _publish_counts(read, slot0, received, stored, last, conn)
     finally:
         for w in workers:
             w.stop()
         engine.dispose()
-    for i, core in enumerate(cores):
-        received[slot0 + i] = core.metered_received
-        stored[slot0 + i] = core.metered_accepted
-        last[slot0 + i] = core.metered_at
+    _publish_counts(read, slot0, received, stored, last)
     conn.send(("stats", [w.stats() for w in workers]))
 
 
