@@ -21,6 +21,7 @@ import signal
 import socket
 import ssl
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -541,6 +542,55 @@ def test_a_failing_callback_does_not_end_the_subscriber(
     assert "bug in the owner's callback" in sub.last_error
     msg = inbox.find(b"again")
     assert msg is not None and msg.dup and inbox.bursts[0][0] == 2
+
+
+@pytest.mark.broker
+def test_the_owner_ticks_in_the_network_thread_and_acks_there(
+    ingest: MqttIdentity, subscribers: SubscriberFactory, publishers: PublisherFactory,
+    minted: Fleet,
+) -> None:
+    """``on_tick`` runs when it asked to (not only when bytes arrive: the keepalive here
+    is 60 s), acks it queues from the network thread are written, and a tick runs at
+    ``stop()`` before the final acks and DISCONNECT: what it acknowledges then is not
+    redelivered."""
+    inbox = Inbox()
+    ticks: list[float] = []
+    state = {"taken": 0, "ack": True}  # messages taken from the inbox; ack them at once?
+    held: list[int] = []
+    box: dict[str, Subscriber] = {}
+
+    def tick(generation: int) -> float | None:
+        ticks.append(time.monotonic())
+        messages = inbox.messages()
+        held.extend(msg.packet_id for msg in messages[state["taken"]:])
+        state["taken"] = len(messages)
+        if state["ack"] and held:
+            box["sub"].ack(generation, held)
+            held.clear()
+        return 0.05
+
+    sub = box["sub"] = subscribers(ingest, inbox, on_tick=tick,
+                                   client_id="hearth-ingest-tick", session_expiry=60)
+    subscribed(sub)
+    n = len(ticks)
+    wait_until(lambda: len(ticks) >= n + 10, timeout=5, what="ticks on an idle connection")
+    unit = publishers(minted.thermostats[0])
+    send(unit, "telemetry", b"acked-by-a-tick")
+    wait_until(lambda: sub.stats["acked"] == 1, what="the PUBACK queued by a tick")
+    state["ack"] = False
+    send(unit, "telemetry", b"acked-at-stop")
+    wait_until(lambda: len(held) == 1, what="the second message held by the owner")
+    assert sub.stats["acked"] == 1
+    state["ack"] = True  # the owner acknowledges it when it is told to stop
+    sub.stop()
+    assert sub.stats["acked"] == 2  # the last tick's ack went out before DISCONNECT
+
+    again = Inbox()
+    resumed = subscribers(ingest, again, client_id="hearth-ingest-tick", session_expiry=60)
+    subscribed(resumed)
+    send(unit, "telemetry", b"marker")
+    wait_until(lambda: again.find(b"marker"), what="the marker")
+    assert again.payloads() == [b"marker"]  # nothing acknowledged was redelivered
 
 
 @pytest.mark.broker

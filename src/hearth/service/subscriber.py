@@ -331,6 +331,10 @@ def parse_packets(data: bytes, max_packet: int = DEFAULT_MAX_PACKET,
 
 OnMessages = Callable[[int, dt.datetime, list[Message]], None]
 """``(generation, received_at, messages)``: called in the network thread."""
+OnTick = Callable[[int], float | None]
+"""``(generation) -> seconds until it wants to run again, or None``: called in the network
+thread after every read (and once more when stopping, before the last acks are sent), so
+the owner can do its work - and call :meth:`Subscriber.ack` - without a thread of its own."""
 
 
 class Subscriber:
@@ -346,6 +350,7 @@ class Subscriber:
         subscriptions: Sequence[str],
         on_messages: OnMessages,
         *,
+        on_tick: OnTick | None = None,
         client_id: str | None = None,
         qos: int = 1,
         clean_start: bool = False,
@@ -384,6 +389,7 @@ class Subscriber:
         self._n_filters = len(subscriptions)
         self._qos = qos
         self._on_messages = on_messages
+        self._on_tick = on_tick
         self._keepalive = keepalive
         self._connect_timeout = connect_timeout
         self._max_packet = max_packet
@@ -453,8 +459,8 @@ class Subscriber:
             self._acks.extend(packet_ids)
             wake = not self._woken
             self._woken = True
-        if wake:
-            self._wake()
+        if wake and threading.current_thread() is not self._thread:
+            self._wake()  # (the network thread itself sends them right after its tick)
         return len(packet_ids)
 
     # -- network thread -------------------------------------------------------------------
@@ -569,6 +575,7 @@ class Subscriber:
         with self._lock:
             generation = self._generation
         unparsed = bool(pending)  # bytes that came with the CONNACK: parse before waiting
+        tick_at: float | None = None  # when on_tick asked to run again
         while not self._stop.is_set():
             now = time.monotonic()
             half = self._effective_keepalive / 2
@@ -583,6 +590,8 @@ class Subscriber:
                 continue
             else:
                 timeout = last_sent + half - now
+            if tick_at is not None:
+                timeout = max(0.0, min(timeout, tick_at - now))
             if sock.pending() == 0 and not unparsed:  # nothing decrypted waiting in TLS
                 select.select((sock, wake), (), (), timeout)
             unparsed = False
@@ -612,6 +621,9 @@ class Subscriber:
                         self._on_messages(generation, received_at, publishes[k:k + _MAX_BURST])
             if closed:
                 raise ConnectionError("the broker closed the connection")
+            if self._on_tick is not None:
+                wait = self._on_tick(generation)
+                tick_at = None if wait is None else time.monotonic() + wait
             try:
                 while wake.recv(4096):
                     pass
@@ -625,7 +637,9 @@ class Subscriber:
                 self._write(sock, puback_packets(acks))
                 self.stats["acked"] += len(acks)
                 last_sent = time.monotonic()
-        # stopping: send what was already acknowledged, then a normal DISCONNECT
+        # stopping: the owner's last tick, what was acknowledged, then a normal DISCONNECT
+        if self._on_tick is not None:
+            self._on_tick(generation)
         with self._lock:
             acks = list(self._acks)
             self._acks.clear()
