@@ -321,10 +321,10 @@ def _sqlite_insert_sql(table: str, rows: int) -> str:
 
 def _sqlite_ts(ts: dt.datetime | None) -> str | None:
     """An aware datetime as SQLAlchemy stores ``UTCDateTime`` in SQLite: UTC wall time,
-    always with microseconds."""
+    always with microseconds (``YYYY-MM-DD HH:MM:SS.ffffff``)."""
     if ts is None:
         return None
-    return _utc(ts).replace(tzinfo=None).isoformat(" ", "microseconds")
+    return _utc(ts).isoformat(" ", "microseconds")[:26]  # without the "+00:00"
 
 
 # SQLite: plain statements run as executemany with values already in storage form (one
@@ -802,9 +802,13 @@ class IngestCore:
             chunk = ordered[start:start + _INSERT_CHUNK]
             params: list[object] = []
             add = params.extend
+            received_at: dt.datetime | None = None
+            received_text: str | None = None
             for (device_id, seq), e in chunk:
                 msg = e.msg
-                head = (device_id, seq, _sqlite_ts(e.ts), _sqlite_ts(e.received_at), e.digest)
+                if e.received_at is not received_at:  # one per read burst: format it once
+                    received_at, received_text = e.received_at, _sqlite_ts(e.received_at)
+                head = (device_id, seq, _sqlite_ts(e.ts), received_text, e.digest)
                 add(head)
                 if telemetry:
                     params.append(e.readings_json or _CANONICAL.encode(msg.readings))  # type: ignore[union-attr]

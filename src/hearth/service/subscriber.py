@@ -52,7 +52,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from hearth.errors import ConfigError
 from hearth.service.mqtt import (
@@ -127,9 +127,9 @@ class ConnectRefused(Exception):
                          f"({_CONNACK_REASONS.get(code, 'unknown reason')})")
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One PUBLISH as received: raw topic and payload bytes, packet id (0 for QoS 0)."""
+class Message(NamedTuple):
+    """One PUBLISH as received: raw topic and payload bytes, packet id (0 for QoS 0).
+    (A named tuple: immutable, and built in C - one is made per message.)"""
 
     topic: bytes
     payload: bytes
