@@ -360,6 +360,10 @@ def _check_ts(ts: dt.datetime, now: dt.datetime | None) -> None:
     if ts.tzinfo is None:
         raise ValidationError(Reason.INVALID_SCHEMA, "timestamps must carry a UTC offset")
     now = now or dt.datetime.now(dt.UTC)
+    # in UTC first: comparing datetimes of different tzinfo objects asks both for their
+    # offset on every comparison (the parser's tzinfo answers through a method call)
+    if ts.tzinfo is not dt.UTC:
+        ts = ts.astimezone(dt.UTC)
     if ts < EARLIEST_TIMESTAMP or ts > now + MAX_FUTURE_SKEW:
         raise ValidationError(Reason.TIMESTAMP_OUT_OF_RANGE, "timestamp is implausible")
 
