@@ -34,9 +34,11 @@ ingest's job, so a strange message is quarantined with a reason instead of loopi
 
 Threads: :meth:`Subscriber.start` runs one network thread that owns the socket (the
 ``ssl`` module does not allow a read and a write on one TLS connection at the same time).
-``on_messages`` is called in that thread and must be quick (put the list on a queue).
-:meth:`Subscriber.ack` may be called from any thread; it wakes the network thread through
-a socket pair.
+``on_messages`` and ``on_tick`` are called in that thread: the owner may do its work there
+(the ingest classifies, writes and acknowledges in them - nothing is read meanwhile, and
+the Receive Maximum bounds what waits at the broker) or hand the messages to a thread of
+its own. :meth:`Subscriber.ack` may be called from any thread; from another one it wakes
+the network thread through a socket pair.
 """
 
 from __future__ import annotations
