@@ -65,7 +65,8 @@ from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 from tuf.api.serialization import DeserializationError
 
-from hearth.updates._fs import durable_replace, fsync_dir, os_error
+from hearth._fsutil import Step, atomic_write, fsync_dir
+from hearth.updates._fs import os_error
 from hearth.updates.bundle import (
     DEFAULT_LIMITS,
     BundleLimits,
@@ -98,7 +99,6 @@ TRUSTED_ROOT = "trusted_root.json"
 _MAX_ROOT_BYTES = 512 * 1024
 _CHUNK = 64 * 1024
 
-Step = Callable[[str], None]
 
 
 def _noop(_step: str) -> None:
@@ -259,7 +259,7 @@ class SlotManager:
     def _write_state(self, st: SlotState, on_step: Step, step: str) -> None:
         data = (json.dumps(st.to_json(), indent=1, sort_keys=True) + "\n").encode()
         try:
-            durable_replace(self.state_path, data, on_step=on_step, step=step)
+            atomic_write(self.state_path, data, on_step=on_step, step=step)
         except OSError as e:
             raise os_error(e, "writing the slot state") from e
         on_step(step)
@@ -364,8 +364,8 @@ class SlotManager:
                 raise UpdateError(UpdateReason.WRONG_MODEL if manifest.model != release.model
                                   else UpdateReason.BAD_BUNDLE,
                                   "the manifest does not match the signed release")
-            durable_replace(staging / "manifest.json", raw)
-            durable_replace(staging / "delivery.json", delivery.to_bytes())
+            atomic_write(staging / "manifest.json", raw)
+            atomic_write(staging / "delivery.json", delivery.to_bytes())
             fsync_dir(staging)
             step("extracted")
             os.rename(staging, final)

@@ -48,7 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from hearth.updates._fs import fsync_dir, os_error
+from hearth._fsutil import fsync_dir
+from hearth.updates._fs import os_error
 from hearth.updates.errors import UpdateError, UpdateReason
 
 __all__ = [

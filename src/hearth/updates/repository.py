@@ -68,9 +68,10 @@ from tuf.api.metadata import (
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
+from hearth._fsutil import atomic_write, fsync_dir
 from hearth.errors import ConfigError
 from hearth.protocol import MODELS
-from hearth.updates._fs import durable_replace, fsync_dir, os_error
+from hearth.updates._fs import os_error
 from hearth.updates.bundle import (
     DEFAULT_LIMITS,
     BundleLimits,
@@ -555,7 +556,7 @@ class Repository:
 
     def _write(self, name: str, data: bytes) -> None:
         try:
-            durable_replace(self.metadata_dir / name, data)
+            atomic_write(self.metadata_dir / name, data)
         except OSError as e:
             raise os_error(e, f"writing {name}") from e
 
