@@ -63,6 +63,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import functools
 import multiprocessing as mp
 import os
 import selectors
@@ -351,6 +352,12 @@ class _Count:
         self.n = 0
         self.last = 0.0
         self.subscribed = False
+        self.sub: Any = None
+
+
+def _read_counts(counts: list[_Count]) -> list[tuple[int, int, float]]:
+    """A bare consumer's counters as (received, stored, last): it stores what it receives."""
+    return [(c.n, c.n, c.last) for c in counts]
 
 
 def _run_bare(slot0: int, client_ids: list[str], identity: Any, batch_size: int,
@@ -361,26 +368,23 @@ def _run_bare(slot0: int, client_ids: list[str], identity: Any, batch_size: int,
     from hearth.service.subscriber import Message, Subscriber
 
     counts = [_Count() for _ in client_ids]
-    subs: list[Subscriber] = []
-
-    def read() -> list[tuple[int, int, float]]:
-        return [(c.n, c.n, c.last) for c in counts]
 
     def counter(count: _Count) -> Any:
         def on_messages(generation: int, _at: Any, messages: list[Message]) -> None:
-            subs[counts.index(count)].ack(generation, [m.packet_id for m in messages
-                                                       if m.qos == 1])
+            count.sub.ack(generation, [m.packet_id for m in messages if m.qos == 1])
             count.n += len(messages)
             count.last = time.time()
         return on_messages
 
     for cid, count in zip(client_ids, counts, strict=True):
-        subs.append(Subscriber(identity, SUBSCRIPTIONS, counter(count), client_id=cid,
+        count.sub = Subscriber(identity, SUBSCRIPTIONS, counter(count), client_id=cid,
                                clean_start=True, session_expiry=0,
-                               receive_maximum=min(65535, max(batch_size * 2, 20))))
+                               receive_maximum=min(65535, max(batch_size * 2, 20)))
+    subs = [c.sub for c in counts]
     for sub in subs:
         sub.start()
     _wait_ready(lambda: all(s.subscribed for s in subs), conn)
+    read = functools.partial(_read_counts, counts)
     try:
         _publish_counts(read, slot0, received, stored, last, conn)
     finally:
@@ -425,9 +429,7 @@ def _run_bare_paho(slot0: int, client_ids: list[str], identity: Any, batch_size:
         clients.append(client)
     _wait_ready(lambda: all(c.subscribed for c in counts), conn)
 
-    def read() -> list[tuple[int, int, float]]:
-        return [(c.n, c.n, c.last) for c in counts]
-
+    read = functools.partial(_read_counts, counts)
     try:
         _publish_counts(read, slot0, received, stored, last, conn)
     finally:

@@ -210,6 +210,13 @@ def _has_nul(msg: protocol.Event | protocol.CommandResult) -> bool:
         texts = (msg.reason, msg.detail)
     return any("\x00" in t for t in texts)
 
+def _raise_if_transient(error: sa.exc.SQLAlchemyError) -> None:
+    """A connection or lock problem is not the batch's fault: keep it and retry later."""
+    if is_transient(error):
+        raise StorageError("database unavailable; batch kept for retry",
+                           transient=True) from error
+
+
 def _utc(ts: dt.datetime) -> dt.datetime:
     return ts if ts.tzinfo is dt.UTC else ts.astimezone(dt.UTC)
 
@@ -606,9 +613,7 @@ class IngestCore:
             outcomes = self._write(batch)
         except sa.exc.SQLAlchemyError as e:
             self._stats.flush_failures += 1
-            if is_transient(e):
-                raise StorageError("database unavailable; batch kept for retry",
-                                   transient=True) from e
+            _raise_if_transient(e)
             log.error("ingest: batch refused by the database (%s); writing one by one",
                       type(e).__name__)
             self._stats.poison_splits += 1
@@ -631,9 +636,7 @@ class IngestCore:
             try:
                 outcomes = self._write([entry])
             except sa.exc.SQLAlchemyError as e:
-                if is_transient(e):
-                    raise StorageError("database unavailable; batch kept for retry",
-                                       transient=True) from e
+                _raise_if_transient(e)
                 log.error("ingest: message refused by the database (%s); quarantined",
                           type(e).__name__)
                 poisoned = replace(entry, msg=None, raw=None, deferred=False,
@@ -641,9 +644,7 @@ class IngestCore:
                 try:
                     outcomes = self._write([poisoned])
                 except sa.exc.SQLAlchemyError as e2:
-                    if is_transient(e2):
-                        raise StorageError("database unavailable; batch kept for retry",
-                                           transient=True) from e2
+                    _raise_if_transient(e2)
                     log.error("ingest: could not even quarantine a message; dropped")
                     self._stats.dropped += 1
                     outcomes = []
@@ -656,8 +657,8 @@ class IngestCore:
     # Core statements only (no ORM units of work on the hot path). On PostgreSQL the bulk
     # statements take one array parameter per column (``unnest``): one short statement per
     # table and batch, whatever the batch size, so psycopg parses it once and the server
-    # runs it as a prepared statement. On SQLite (one writer at a time) SQLAlchemy's cached
-    # executemany / multi-row statements are used.
+    # runs it as a prepared statement. On SQLite (one writer at a time, no arrays) plain
+    # multi-row / executemany statements take values already in storage form.
 
     def _write(self, batch: Sequence[_Entry]) -> list[_Entry]:
         """One transaction for ``batch``; returns the final entries (copies), unchanged
