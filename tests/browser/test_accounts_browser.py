@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Fleet, make_fleet
+from tests.e2e.conftest import Fleet, running_fleet
 from tests.helpers import wait_until
 
 PHONE = {"width": 390, "height": 844}
@@ -20,13 +20,8 @@ PHONE = {"width": 390, "height": 844}
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    f = make_fleet(tmp_path, thermostats=1, locks=0)
-    try:
+    with running_fleet(tmp_path, thermostats=1, locks=0) as f:
         yield f
-    finally:
-        for a in f.agents:
-            a.stop()
-        f.stack.stop()
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,6 +41,12 @@ class Fleet:
                 cafile=str(self.settings.pki_dir / "root" / "ca.pem")), timeout=10,
         )
 
+    def close(self) -> None:
+        """Stop the agents started through :meth:`agent`, then the service stack."""
+        for a in self.agents:
+            a.stop()
+        self.stack.stop()
+
     def agent(self, unit: MintedUnit, **kwargs: object) -> Agent:
         identity = UnitIdentity.load(unit.directory)
         app_options = kwargs.pop("app_options", {})
@@ -75,12 +82,17 @@ def make_fleet(root: Path, *, thermostats: int, locks: int) -> Fleet:
     return Fleet(root, settings, pki, stack, info.operator_token, units)
 
 
-@pytest.fixture
-def small_fleet(tmp_path: Path) -> Iterator[Fleet]:
-    f = make_fleet(tmp_path, thermostats=5, locks=1)
+@contextlib.contextmanager
+def running_fleet(root: Path, *, thermostats: int, locks: int) -> Iterator[Fleet]:
+    """:func:`make_fleet`, closed (agents and stack stopped) on leaving."""
+    f = make_fleet(root, thermostats=thermostats, locks=locks)
     try:
         yield f
     finally:
-        for a in f.agents:
-            a.stop()
-        f.stack.stop()
+        f.close()
+
+
+@pytest.fixture
+def small_fleet(tmp_path: Path) -> Iterator[Fleet]:
+    with running_fleet(tmp_path, thermostats=5, locks=1) as f:
+        yield f

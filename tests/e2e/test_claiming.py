@@ -21,7 +21,7 @@ from hearth.cli import main
 from hearth.device.agent import Agent
 from hearth.device.localapi import LocalApiConfig, LocalClient
 from hearth.setupcode import new_setup_code
-from tests.e2e.conftest import Fleet, make_fleet
+from tests.e2e.conftest import Fleet, running_fleet
 from tests.helpers import wait_until
 
 PASSWORD = "a long and unusual passphrase"  # pragma: allowlist secret
@@ -29,13 +29,8 @@ PASSWORD = "a long and unusual passphrase"  # pragma: allowlist secret
 
 @pytest.fixture
 def one_unit(tmp_path: Path) -> Iterator[Fleet]:
-    f = make_fleet(tmp_path, thermostats=1, locks=0)
-    try:
+    with running_fleet(tmp_path, thermostats=1, locks=0) as f:
         yield f
-    finally:
-        for a in f.agents:
-            a.stop()
-        f.stack.stop()
 
 
 def codes(f: Fleet) -> dict[str, str]:

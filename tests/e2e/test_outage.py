@@ -92,9 +92,7 @@ def test_broker_outage_nothing_lost_units_keep_working_reconnects_spread(
         gaps = [b - a for xs in attempts for a, b in itertools.pairwise(xs)]
         assert len({round(g, 3) for g in gaps}) > len(gaps) // 2, "identical backoff delays"
     finally:
-        for a in f.agents:
-            a.stop()
-        f.stack.stop()
+        f.close()
 
 
 def test_unit_restarted_during_outage_keeps_its_queue(tmp_path: Path) -> None:
@@ -122,6 +120,4 @@ def test_unit_restarted_during_outage_keeps_its_queue(tmp_path: Path) -> None:
                    what="the pre-restart queue delivered")
         assert set(range(1, next_seq)) <= set(stored_seqs(f, second.device_id))
     finally:
-        for a in f.agents:
-            a.stop()
-        f.stack.stop()
+        f.close()
