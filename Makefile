@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 	@echo "==> Installed into $(VENV)"
 
 setup: system-deps $(STAMP)
+	@$(BIN)/python -m hearth.service.broker_plugin
 
 demo: setup
 	@echo "==> Running the demo: hearth demo (starts broker, service and 6 units; about a minute)"

@@ -657,7 +657,7 @@ class IngestBench:
         for i in range(a.workers):
             self.received[i] = self.stored[i] = 0
             self.last[i] = 0.0
-        client_ids = [f"bench-{tag}-{i}" for i in range(a.workers)]
+        client_ids = [f"{INGEST}-bench-{tag}-{i}" for i in range(a.workers)]
         per_proc = [list(range(a.workers))[k::a.worker_processes]
                     for k in range(a.worker_processes)]
         consumers: list[tuple[BaseProcess, Connection]] = []

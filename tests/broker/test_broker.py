@@ -68,14 +68,14 @@ def share(kind: str) -> str:
 
 
 def ingest_peer(world: World, connect: PeerFactory) -> Peer:
-    peer = connect(world.broker.identity(INGEST), client_id=f"ingest-{os.urandom(4).hex()}")
+    peer = connect(world.broker.identity(INGEST), client_id=f"{INGEST}-{os.urandom(4).hex()}")
     for kind in ("telemetry", "event", "cmd/result"):
         assert not peer.subscribe(share(kind))[0].is_failure
     return peer
 
 
 def control_peer(world: World, connect: PeerFactory) -> Peer:
-    return connect(world.broker.identity(CONTROL), client_id=f"ctl-{os.urandom(4).hex()}")
+    return connect(world.broker.identity(CONTROL), client_id=f"{CONTROL}-{os.urandom(4).hex()}")
 
 
 def send_command(control: Peer, unit: Unit, payload: bytes) -> None:
@@ -219,29 +219,56 @@ def test_refused_another_units_username_with_wrong_password(
     assert not attempt(guess).connected
 
 
-def test_residual_certificate_is_not_bound_to_username(
-    shared: World, attempt: PeerFactory
-) -> None:
-    """Documented residual (ADR 0001): Mosquitto 2.0.11's plugin cannot tie the
-    certificate CN to the username, so A's certificate *with B's secret* gets in as B.
-    Needs B's 256-bit broker secret. If this starts failing, Mosquitto binds them now:
-    update the ADR and turn this test around."""
-    a, b = shared.units[0], shared.units[1]
-    stolen = a.identity(shared.broker, username=b.device_id, client_id=b.device_id,
-                        password=b.password)
-    assert attempt(stolen).connected
-
-
-def test_residual_service_identity_is_not_bound_to_a_client_id(
+def test_certificate_of_one_unit_with_another_units_secret_is_refused(
     shared: World, connect: PeerFactory, attempt: PeerFactory
 ) -> None:
-    """Documented residual (ADR 0001): service identities are not bound to one client
-    id (several ingest workers), so a holder of a *service* credential can use a unit's
-    client id and push the unit off. Service credentials never leave the service host."""
+    """The certificate identity is the username (Hearth's identity plugin, ADR 0001):
+    A's certificate with B's username, client id *and* B's broker secret is refused, and
+    B, connected, keeps its session and its commands."""
+    a, b = shared.units[0], shared.units[1]
+    victim = connect(b.identity(shared.broker))
+    assert not victim.subscribe(cmd(b))[0].is_failure
+    stolen = a.identity(shared.broker, username=b.device_id, client_id=b.device_id,
+                        password=b.password)
+    thief = attempt(stolen)
+    assert not thief.connected
+    assert thief.connack is not None and thief.connack.value == NOT_AUTHORIZED
+    wait_until(lambda: "hearth-identity: refused client " + b.device_id
+               in shared.broker.log_path.read_text(errors="replace"),
+               what="the identity plugin to log the refusal")
+    send_command(control_peer(shared, connect), b, b"after-stolen-secret")
+    wait_until(lambda: victim.got(b"after-stolen-secret"), what="B still receives")
+    assert victim.connected  # positive control: B's own certificate and secret
+
+
+def test_service_certificate_with_another_identitys_secret_is_refused(
+    shared: World, attempt: PeerFactory
+) -> None:
+    """The ingest worker's certificate with the admin identity's username and password
+    is refused: service identities are bound to their certificates too."""
+    ingest, admin = shared.broker.identity(INGEST), shared.broker.identity(ADMIN)
+    forged = replace(admin, certfile=ingest.certfile, keyfile=ingest.keyfile)
+    peer = attempt(forged)
+    assert not peer.connected
+    assert peer.connack is not None and peer.connack.value == NOT_AUTHORIZED
+    assert attempt(admin).connected  # positive control
+
+
+def test_service_identity_cannot_take_a_units_client_id(
+    shared: World, connect: PeerFactory, attempt: PeerFactory
+) -> None:
+    """Service identities may use several client ids (one per worker), but only their
+    own name or name-suffix: the ingest identity with a unit's client id is refused and
+    the unit stays connected."""
     a = shared.units[2]
     victim = connect(a.identity(shared.broker))
-    assert attempt(shared.broker.identity(INGEST), client_id=a.device_id).connected
-    wait_until(victim.lost.is_set, what="the unit to be pushed off")
+    intruder = attempt(shared.broker.identity(INGEST), client_id=a.device_id)
+    assert not intruder.connected
+    assert intruder.connack is not None and intruder.connack.value == NOT_AUTHORIZED
+    for other in ("hearth-ingestx", "hearth-ingest-", "x-hearth-ingest", CONTROL):
+        assert not attempt(shared.broker.identity(INGEST), client_id=other).connected
+    assert victim.connected
+    assert attempt(shared.broker.identity(INGEST), client_id=f"{INGEST}-7").connected
 
 
 # --- session take-over ---------------------------------------------------------------------------
@@ -367,7 +394,7 @@ def test_ingest_cannot_publish_commands(shared: World, connect: PeerFactory) -> 
 def test_ingest_only_through_its_shared_subscription(
     shared: World, connect: PeerFactory
 ) -> None:
-    ingest = connect(shared.broker.identity(INGEST), client_id="ingest-scope")
+    ingest = connect(shared.broker.identity(INGEST), client_id=f"{INGEST}-scope")
     for topic in ("hearth/v1/d/+/telemetry", "$share/other/hearth/v1/d/+/telemetry",
                   f"$share/{INGEST_SHARE_GROUP}/hearth/v1/d/#", share("cmd"), "#"):
         assert ingest.subscribe(topic)[0].value == NOT_AUTHORIZED, topic
@@ -376,7 +403,7 @@ def test_ingest_only_through_its_shared_subscription(
 
 def test_admin_is_limited_to_the_control_api(shared: World, connect: PeerFactory) -> None:
     a = shared.units[0]
-    admin = connect(shared.broker.identity(ADMIN), client_id="admin-scope")
+    admin = connect(shared.broker.identity(ADMIN), client_id=f"{ADMIN}-scope")
     assert admin.publish(cmd(a), b"x").value == NOT_AUTHORIZED
     assert admin.subscribe("hearth/v1/d/+/telemetry")[0].value == NOT_AUTHORIZED
     assert not admin.subscribe("$CONTROL/dynamic-security/v1/response")[0].is_failure
@@ -424,7 +451,7 @@ def test_revoked_service_certificate_refused(
     old_cert, old_key = tmp_path / "old.pem", tmp_path / "old.key"
     shutil.copy(ident.certfile, old_cert)
     shutil.copy(ident.keyfile, old_key)
-    old = replace(ident, certfile=old_cert, keyfile=old_key, client_id="ctl-old")
+    old = replace(ident, certfile=old_cert, keyfile=old_key, client_id=f"{CONTROL}-old")
     assert attempt(old).connected
     from hearth.pki import cert_from_pem
 
@@ -433,7 +460,7 @@ def test_revoked_service_certificate_refused(
     wait_until(lambda: not attempt(old).connected, what="the reloaded CRL to refuse")
     renewed = shared.broker.identity(CONTROL)  # reissued because the old one is revoked
     assert renewed.certfile.read_bytes() != old_cert.read_bytes()
-    assert attempt(replace(renewed, client_id="ctl-new")).connected
+    assert attempt(replace(renewed, client_id=f"{CONTROL}-new")).connected
 
 
 def test_revoke_checks_the_certificate_belongs_to_the_unit(shared: World) -> None:
@@ -627,7 +654,7 @@ def test_service_client_helper_refuses_unverified_broker(
     (tmp_path / "other-root.pem").write_bytes(other.root_pem())
     ident: MqttIdentity = replace(shared.broker.identity(INGEST),
                                   cafile=tmp_path / "other-root.pem")
-    client = make_client(ident, client_id="ingest-verify")
+    client = make_client(ident, client_id=f"{INGEST}-verify")
     with pytest.raises(ssl.SSLCertVerificationError):
         client.reconnect()
 

@@ -187,7 +187,7 @@ def test_measured_mosquitto_does_not_restore_shared_subscriptions(
     sender = connect(a.identity(world.broker), clean_start=False, session_expiry=3600)
     assert not sender.publish(device_topic(a.device_id, "telemetry"), b"lost").is_failure
     sender.close()
-    control = connect(world.broker.identity(CONTROL), client_id="ctl-pin")
+    control = connect(world.broker.identity(CONTROL), client_id=f"{CONTROL}-pin")
     assert not control.publish(device_topic(a.device_id, "cmd"), b"kept").is_failure
 
     # the plain subscription came back: the command sent after the restart is delivered
@@ -216,7 +216,7 @@ def test_units_refused_while_held_and_admitted_after_restore(
         def wrapped() -> None:
             seen[f"unit before {name}"] = attempt(unit.identity(broker)).connected
             seen[f"service before {name}"] = attempt(
-                broker.identity(INGEST), client_id=f"probe-{name}").connected
+                broker.identity(INGEST), client_id=f"{INGEST}-probe-{name}").connected
             real()
         return wrapped
 

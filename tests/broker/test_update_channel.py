@@ -22,7 +22,7 @@ def offer(unit: Unit) -> str:
 
 def test_unit_asks_and_gets_its_own_offer_only(shared: World, connect: PeerFactory) -> None:
     a, b = shared.units[0], shared.units[1]
-    service = connect(shared.broker.identity(UPDATES), client_id="upd-1")
+    service = connect(shared.broker.identity(UPDATES), client_id=f"{UPDATES}-1")
     assert not service.subscribe(SHARE)[0].is_failure
     unit_a = connect(a.identity(shared.broker))
     unit_b = connect(b.identity(shared.broker))
@@ -49,16 +49,16 @@ def test_update_identity_is_limited_to_the_update_channel(
     shared: World, connect: PeerFactory
 ) -> None:
     a = shared.units[0]
-    service = connect(shared.broker.identity(UPDATES), client_id="upd-scope")
+    service = connect(shared.broker.identity(UPDATES), client_id=f"{UPDATES}-scope")
     for topic in ("hearth/v1/d/+/telemetry", "hearth/v1/d/+/update/check", "#",
                   f"$share/{INGEST}/hearth/v1/d/+/telemetry", "hearth/v1/d/+/update/offer"):
         assert service.subscribe(topic)[0].value == NOT_AUTHORIZED, topic
     assert service.publish(device_topic(a.device_id, "cmd"), b"x").value == NOT_AUTHORIZED
     assert service.publish(check(a), b"x").value == NOT_AUTHORIZED
     # and the other service identities gained nothing on the channel
-    ingest = connect(shared.broker.identity(INGEST), client_id="ing-scope")
+    ingest = connect(shared.broker.identity(INGEST), client_id=f"{INGEST}-scope")
     assert ingest.subscribe(SHARE)[0].value == NOT_AUTHORIZED
     assert ingest.publish(offer(a), b"x").value == NOT_AUTHORIZED
-    control = connect(shared.broker.identity(CONTROL), client_id="ctl-scope")
+    control = connect(shared.broker.identity(CONTROL), client_id=f"{CONTROL}-scope")
     assert control.publish(offer(a), b"x").value == NOT_AUTHORIZED
     assert control.subscribe(SHARE)[0].value == NOT_AUTHORIZED

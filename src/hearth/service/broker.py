@@ -17,11 +17,14 @@ writes them into one directory (mode 0700)::
 Security reasoning (see ``docs/adr/0001-broker-identity-binding.md``):
 
 * A connection needs *both* a client certificate the CA signed and not revoked, *and* a
-  username and password that the dynamic-security plugin knows. A unit's username is its
-  device id (= certificate CN) and the plugin binds its client id to the same value, so a
-  unit can only connect as itself and nobody can take over its session without its
-  256-bit broker secret. ``use_identity_as_username`` stays off: with it on, Mosquitto
-  2.0.11 skips plugin authentication altogether.
+  username and password that the dynamic-security plugin knows, and the certificate's
+  identity *is* the username: Hearth's own plugin (:mod:`hearth.service.broker_plugin`),
+  asked first, refuses a CONNECT whose username is not the certificate's commonName. A
+  unit's username is its device id (= certificate CN) and dynamic-security binds its
+  client id to the same value, so a unit can only connect as itself, and taking over its
+  session needs both its private key and its 256-bit broker secret.
+  ``use_identity_as_username`` stays off: with it on, Mosquitto 2.0.11 skips plugin
+  authentication altogether.
 * Least privilege per unit: a unit may publish only to its own ``telemetry``, ``event``
   and ``cmd/result`` topics, and subscribe to and receive only its own ``cmd`` topic.
   Everything else is denied by default. Mosquitto 2.0.11's plugin does *not* substitute
@@ -44,7 +47,7 @@ Example::
 
     units = units_from_manifest(load_manifest(Path("batch-1")))
     with Broker(Path("data/broker"), pki, port=8883, units=units) as broker:
-        ingest = make_client(broker.identity("hearth-ingest"), client_id="ingest-1")
+        ingest = make_client(broker.identity("hearth-ingest"), client_id="hearth-ingest-1")
         ...
         broker.revoke(device_id, certificate)
 """
@@ -93,6 +96,7 @@ from hearth.pki import (
     key_to_pem,
 )
 from hearth.protocol import MAX_PAYLOAD_BYTES, TOPIC_PREFIX
+from hearth.service.broker_plugin import identity_plugin_path
 from hearth.service.mqtt import DEFAULT_KEEPALIVE, MqttIdentity, make_client
 
 __all__ = [
@@ -393,8 +397,9 @@ def _dynsec_document(
     clients: list[dict[str, Any]] = []
     roles = _service_roles()
     for name in SERVICE_IDENTITIES:
-        # Service identities are not bound to one client id: several ingest workers
-        # connect at once, each with its own id.
+        # Service identities are not bound to one client id here: several ingest workers
+        # connect at once, each with its own id - which Hearth's identity plugin limits to
+        # the name or name-suffix, so none can take a unit's client id.
         clients.append(_client(name, service_hashes[name], name))
     for unit in units:
         uid = unit.device_id
@@ -846,8 +851,9 @@ class Broker:
 
         Service identities are not bound to one client id; ``client_id`` defaults to the
         identity's name, so processes that connect at the same time must each pass their
-        own (``make_client(identity, client_id=...)``) or they take over each other's
-        session. A revoked or expiring certificate is reissued here.
+        own, ``<name>-<suffix>`` (``make_client(identity, client_id=...)``), or they take
+        over each other's session. Any other client id is refused by the broker. A revoked
+        or expiring certificate is reissued here.
 
         Raises:
             NotFoundError: ``name`` is not a service identity.
@@ -1050,6 +1056,9 @@ class Broker:
             f"max_packet_size {lim.max_packet_size}",
             f"max_inflight_messages {lim.max_inflight_messages}",
             f"max_queued_messages {lim.max_queued_messages}",
+            # Asked first: the certificate's CN must be the username (else refused),
+            # then dynamic-security checks the password and binds the client id.
+            f"plugin {identity_plugin_path()}",
             f"plugin {dynsec_plugin_path()}",
             f"plugin_opt_config_file {d}/dynamic-security.json",
             "",
