@@ -912,6 +912,10 @@ def report(results: list[PhaseResult], a: argparse.Namespace) -> int:
         dup = sum(s.get("duplicate", 0) for s in r.stats)
         if r.checked:
             extra = f"; QoS 1 redeliveries deduplicated: {dup}"
+            flushes = sum(s.get("flushes", 0) for s in r.stats)
+            if flushes:  # how well the per-batch costs (unit rows, counters) are shared
+                received = sum(s.get("received", 0) for s in r.stats)
+                extra += f"; {flushes:,} batches of {received / flushes:,.0f} on average"
         if r.broker_drops:
             r.problems.append(f"Mosquitto logged {r.broker_drops} 'dropped' line(s)")
         if r.refused:

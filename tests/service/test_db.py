@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -113,3 +114,44 @@ def test_units_pages_leave_room_for_in_place_updates(engine: Engine) -> None:
         options = conn.exec_driver_sql(
             "SELECT reloptions FROM pg_class WHERE oid = 'units'::regclass").scalar_one()
     assert "fillfactor=50" in (options or [])
+
+
+def test_telemetry_keyed_by_unit_and_seq_keeps_existing_rows(bare_engine: Engine) -> None:
+    """Migration 0402 drops the unused surrogate ``id``: rows stored before it survive,
+    (device_id, seq) becomes the primary key, and it can be undone and redone."""
+    db.migrate(bare_engine, revision="0401")
+    now = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
+    unit = "ab" * 16
+    with bare_engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO units (device_id, model, certificate_pem, cert_serial, "
+            "mqtt_password_hash, status, imported_at, latest_state) VALUES "
+            "(:d, 'thermostat', '-', '1', '{}', 'active', :t, '{}')"), {"d": unit, "t": now})
+        conn.execute(sa.text(
+            "INSERT INTO telemetry (device_id, seq, ts, received_at, readings, digest) "
+            "VALUES (:d, 1, :t, :t, '{\"humidity\": 40}', 'x'), "
+            "(:d, 2, :t, :t, '{\"humidity\": 41}', 'y')"), {"d": unit, "t": now})
+
+    def shape() -> tuple[list[str], list[str], list[tuple[object, ...]]]:
+        inspector = sa.inspect(bare_engine)
+        columns = [c["name"] for c in inspector.get_columns("telemetry")]
+        key = inspector.get_pk_constraint("telemetry")["constrained_columns"]
+        with bare_engine.connect() as conn:
+            rows = [tuple(r) for r in conn.execute(sa.text(
+                "SELECT device_id, seq, digest FROM telemetry ORDER BY seq"))]
+        return columns, key, rows
+
+    stored = [(unit, 1, "x"), (unit, 2, "y")]
+    db.migrate(bare_engine, revision="0402")
+    columns, key, rows = shape()
+    assert "id" not in columns and key == ["device_id", "seq"] and rows == stored
+    with bare_engine.connect() as conn, pytest.raises(sa.exc.IntegrityError):
+        conn.execute(sa.text(
+            "INSERT INTO telemetry (device_id, seq, ts, received_at, readings, digest) "
+            "VALUES (:d, 2, :t, :t, '{}', 'z')"), {"d": unit, "t": now})
+    with bare_engine.begin() as conn:
+        command.downgrade(db.alembic_config(conn), "0401")
+    columns, key, rows = shape()
+    assert "id" in columns and key == ["id"] and rows == stored
+    db.migrate(bare_engine)
+    assert shape()[1] == ["device_id", "seq"]

@@ -22,6 +22,7 @@ from hearth.service.ingest import (
     DUPLICATE,
     INTERNAL_ERROR,
     IngestCore,
+    _canonical,
     _digest,
     _telemetry_digest,
     _utc,
@@ -56,6 +57,20 @@ def test_digest_is_the_canonical_sha256_as_stored(offset: int) -> None:
                                       topic_device_id=dev, model=protocol.MODELS["thermostat"],
                                       now=dt.datetime.now(dt.UTC))
     assert _digest(parsed) == _reference_digest(parsed)
+
+
+def test_canonical_json_is_json_dumps_sorted_and_compact() -> None:
+    """The cached C encoder gives exactly what ``json.dumps`` gives (and it is reusable:
+    the same object twice, and nested values, encode the same every time)."""
+    when = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    samples: list[object] = [
+        {}, {"b": 1, "a": [True, None, 1.5, -0.0, 1e16]}, {"é": "\u2028\"q\"\\", "x": when},
+        {"z": {"y": {"x": [1, {"w": False}]}}}, [1, "two", 3.0], "text", 7, None,
+    ]
+    for _ in range(2):
+        for obj in samples:
+            assert _canonical(obj) == json.dumps(obj, sort_keys=True, separators=(",", ":"),
+                                                 default=str)
 
 
 def test_telemetry_digest_fast_path_equals_the_reference() -> None:

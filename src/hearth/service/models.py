@@ -111,23 +111,22 @@ class Unit(Base):
 
 
 class TelemetryRow(Base):
+    """One stored telemetry message, keyed by what identifies it (revision 0402)."""
+
     __tablename__ = "telemetry"
 
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     device_id: Mapped[str] = mapped_column(
-        sa.String(DEVICE_ID_LEN), sa.ForeignKey("units.device_id", ondelete="CASCADE")
+        sa.String(DEVICE_ID_LEN), sa.ForeignKey("units.device_id", ondelete="CASCADE"),
+        primary_key=True,
     )
-    seq: Mapped[int] = mapped_column(sa.BigInteger)
+    seq: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True, autoincrement=False)
     ts: Mapped[dt.datetime]
     received_at: Mapped[dt.datetime]
     readings: Mapped[dict[str, Any]]
     digest: Mapped[str] = mapped_column(sa.String(64))
     """SHA-256 of the canonical message: tells a redelivery from a replay."""
 
-    __table_args__ = (
-        sa.UniqueConstraint("device_id", "seq"),
-        sa.Index(None, "device_id", "ts"),
-    )
+    __table_args__ = (sa.Index(None, "device_id", "ts"),)
 
 
 class EventRow(Base):
