@@ -78,7 +78,7 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
     (void)userdata;
     struct mosquitto_evt_basic_auth *ed = event_data;
     const char *username = ed->username;
-    X509 *cert = mosquitto_client_certificate(ed->client); /* a copy: freed here */
+    X509 *cert = mosquitto_client_certificate(ed->client); /* a new reference: freed here */
     int has_cert = cert != NULL;
     int match = (username != NULL && has_cert) ? cn_matches(cert, username) : 0;
     if (has_cert) {
@@ -96,8 +96,9 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
     if (why == NULL) {
         return MOSQ_ERR_PLUGIN_DEFER; /* identity bound: dynamic-security decides the rest */
     }
+    const char *address = mosquitto_client_address(ed->client);
     mosquitto_log_printf(MOSQ_LOG_NOTICE, "hearth-identity: refused client %s from %s: %s",
-            client_id ? client_id : "?", mosquitto_client_address(ed->client), why);
+            client_id ? client_id : "?", address ? address : "?", why);
     return MOSQ_ERR_AUTH;
 }
 
