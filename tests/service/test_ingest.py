@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +31,7 @@ from hearth.service.models import (
     Unit,
 )
 from tests.service import messages as m
-from tests.service.conftest import Fleet
+from tests.service.conftest import BACKENDS, Fleet
 
 
 @pytest.fixture
@@ -474,6 +475,51 @@ def test_unit_lookup_during_an_outage_is_deferred_not_lost(
     assert [r.seq for r in telemetry_rows(sf, dev)] == [1]
     assert counters(sf) == {(dev, ACCEPTED): 1, (dev, Reason.OUT_OF_RANGE): 1,
                             ("", Reason.UNKNOWN_DEVICE): 1}
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id == "postgresql"],
+                         indirect=True)
+def test_a_write_stuck_on_a_lock_is_cancelled_kept_and_retried(
+    sf: sessionmaker[Session], imported: Fleet
+) -> None:
+    """Another transaction holds the unit's row lock (a real one): the batch's write is
+    cancelled after ``write_timeout`` instead of stalling the worker's only thread, the
+    batch is kept, and it is stored once when the lock goes away."""
+    dev = imported.thermostats[0]
+    core = IngestCore(sf, batch_size=10, write_timeout=0.3)
+    core.handle(m.topic(dev), m.telemetry(dev, 1), ack=1)
+    outcome: list[BaseException | list[object]] = []
+
+    def flush() -> None:  # in a thread: without the timeout it would wait for the lock
+        try:
+            outcome.append(core.flush())
+        except BaseException as e:  # noqa: BLE001 - inspected below
+            outcome.append(e)
+
+    holder = sf()
+    holder.execute(sa.select(Unit).where(Unit.device_id == dev).with_for_update())
+    attempt = threading.Thread(target=flush, daemon=True)
+    attempt.start()
+    attempt.join(timeout=15)
+    stuck = attempt.is_alive()
+    holder.rollback()
+    holder.close()
+    attempt.join(timeout=15)
+    assert not stuck, "the write waited for the lock instead of timing out"
+    [error] = outcome
+    assert isinstance(error, StorageError) and error.transient
+    assert isinstance(error.__cause__, sa.exc.OperationalError)
+    assert "statement timeout" in str(error.__cause__)
+    assert core.pending == 1 and telemetry_rows(sf, dev) == []
+    assert core.flush() == [1]
+    assert [r.seq for r in telemetry_rows(sf, dev)] == [1]
+    assert counters(sf) == {(dev, ACCEPTED): 1}
+
+
+def test_write_timeout_is_validated(sf: sessionmaker[Session]) -> None:
+    for bad in (0, -1, 3601):
+        with pytest.raises(ValueError, match="write_timeout"):
+            IngestCore(sf, write_timeout=bad)
 
 
 def test_a_poison_message_cannot_stall_the_stream(

@@ -111,6 +111,13 @@ DEFAULT_BATCH_SIZE = 500
 DEFAULT_FLUSH_INTERVAL = 0.05
 DEFAULT_EXCERPT_BYTES = 512
 DEFAULT_QUARANTINE_ROWS_PER_KEY = 20
+DEFAULT_WRITE_TIMEOUT = 20.0
+"""Seconds a batch's transaction may take on PostgreSQL before it is cancelled and retried.
+
+The worker reads, flushes and acknowledges on one thread, so a write that hangs (a lock
+held elsewhere, a stalled server) also stops its keepalive; past 1.5 x keepalive (90 s)
+the broker would drop the session. 20 s keeps the thread's longest stall well inside
+that; the batch is kept and retried with backoff. (SQLite's bound is its busy timeout.)"""
 UNIT_CACHE_TTL = 30.0
 UNKNOWN_CACHE_TTL = 5.0
 UNIT_CACHE_MAX = 100_000
@@ -445,10 +452,17 @@ class IngestCore:
         flush_interval: float = DEFAULT_FLUSH_INTERVAL,
         excerpt_bytes: int = DEFAULT_EXCERPT_BYTES,
         quarantine_rows_per_key: int = DEFAULT_QUARANTINE_ROWS_PER_KEY,
+        write_timeout: float = DEFAULT_WRITE_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if batch_size < 1 or flush_interval <= 0 or excerpt_bytes < 0:
             raise ValueError("batch_size >= 1, flush_interval > 0, excerpt_bytes >= 0")
+        if not 0 < write_timeout <= 3600:
+            raise ValueError("write_timeout must be in (0, 3600] seconds")
+        # set_config takes text; the value is our own number, in milliseconds
+        self._pg_timeout_sql = (
+            f"SELECT set_config('statement_timeout', '{max(1, round(write_timeout * 1000))}', "
+            "true)")
         if quarantine_rows_per_key < 1:
             raise ValueError("quarantine_rows_per_key must be at least 1")
         self._sf = session_factory
@@ -616,7 +630,8 @@ class IngestCore:
     def flush(self) -> list[object]:
         """Write the batch in one transaction; return the ack tokens now durable, in order.
 
-        Raises :class:`StorageError` (``transient=True``) if the database is unavailable;
+        Raises :class:`StorageError` (``transient=True``) if the database is unavailable
+        or (PostgreSQL) the transaction outlasts ``write_timeout``;
         the batch is kept for the next call. Never loses a message: a batch refused for a
         data reason is split and the offending message quarantined as ``internal_error``.
         """
@@ -682,6 +697,8 @@ class IngestCore:
             begin_write(session)
             conn = session.connection()
             pg = conn.dialect.name == "postgresql"
+            if pg:  # every statement of this transaction (SET LOCAL): see write_timeout
+                conn.exec_driver_sql(self._pg_timeout_sql)
             units = self._lock_units(conn, pg, entries)
             for e in entries:
                 if e.deferred and e.raw is not None:
