@@ -4,11 +4,15 @@ quarantine restricts commands. The networked journeys are in tests/e2e/test_upda
 
 from __future__ import annotations
 
+import threading
+import time
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from hearth.device import runtime as runtime_mod
 from hearth.device.appload import load_app
 from hearth.device.apps import CommandFailed
 from hearth.device.runtime import AppHost, UnitRuntime
@@ -206,3 +210,45 @@ def test_app_host_swaps_under_one_lock() -> None:
     with pytest.raises(CommandFailed):
         host.execute("lock", {})
     assert calls == ["old:lock", "new:unlock", "system:check_updates"]
+
+
+class _CheckLoop:
+    """What :meth:`UnitRuntime._loop` reads, with a scripted ``check_for_update``."""
+
+    def __init__(self, outcomes: list[str], check_interval: float) -> None:
+        self.outcomes = outcomes
+        self.checks: list[float] = []
+        self.mode = "normal"
+        self.alert_interval = 3600.0
+        self.check_interval = check_interval
+        self._stop = threading.Event()
+        self._check_now = threading.Event()
+        self.agent = types.SimpleNamespace(link=types.SimpleNamespace(connected=True,
+                                                                      connects=1))
+
+    def check_for_update(self) -> str:
+        self.checks.append(time.monotonic())
+        return self.outcomes[min(len(self.checks), len(self.outcomes)) - 1]
+
+
+def test_unanswered_checks_are_retried_with_backoff_then_back_to_the_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A check that got no answer (update service away) or whose update failed is
+    retried after a jittered backoff, not a whole check_interval (an hour here) later;
+    after an answer the unit waits the interval again."""
+    monkeypatch.setattr(runtime_mod, "CHECK_RETRY_BASE", 0.2)
+    monkeypatch.setattr(runtime_mod, "MIN_CHECK_SPACING", 0.0)
+    loop = _CheckLoop(["no_answer", "failed", "no_answer", "up_to_date"], 3600.0)
+    thread = threading.Thread(target=UnitRuntime._loop, args=(loop,), daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: len(loop.checks) >= 4, timeout=20,
+                   what="three retries after unanswered or failed checks")
+        # after the answer: nothing more for a while (the next check is an hour away)
+        with pytest.raises(AssertionError, match="timed out"):
+            wait_until(lambda: len(loop.checks) > 4, timeout=1.5, what="a fifth check")
+    finally:
+        loop._stop.set()
+        thread.join(timeout=5)
+    assert len(loop.checks) == 4

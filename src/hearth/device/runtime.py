@@ -11,7 +11,8 @@ What the boot decided sets the unit's *mode*:
 
 =============  ===============================================================================
 ``normal``     the committed version runs; updates are checked on every connect, every
-               ``check_interval`` and on the ``check_updates`` command
+               ``check_interval`` and on the ``check_updates`` command (sooner, with
+               backoff, after a check that got no answer or failed)
 ``trial``      a new version's first start: it must connect and get a telemetry report
                acknowledged by the broker within ``health_timeout`` (the health check), then
                it is committed (``update_installed``); otherwise the unit rolls back and
@@ -67,6 +68,7 @@ from hearth.device.agent import DEFAULT_TELEMETRY_INTERVAL, Agent, run_device
 from hearth.device.appload import LoadedApp, load_app
 from hearth.device.apps import CommandFailed, DeviceApp, Reading
 from hearth.device.identity import UnitIdentity
+from hearth.device.link import Backoff
 from hearth.device.slots import BootResult, SlotManager
 from hearth.device.updater import HttpsFetcher, UnitUpdater
 from hearth.errors import DeviceError, ValidationError
@@ -100,6 +102,13 @@ DEFAULT_ALERT_INTERVAL = 300.0
 OFFER_TIMEOUT = 15.0
 MIN_CHECK_SPACING = 2.0
 """Seconds between two update checks (the service answers at most one per second)."""
+CHECK_RETRY_BASE = 30.0
+"""After a check that got no answer (the update service was away) or whose update failed,
+the next one comes after ``uniform(0, min(check_interval, 30 s x 2**n))`` - exponential
+backoff with full jitter, like the link's reconnects - instead of a whole
+``check_interval`` later, so a fleet whose checks went unanswered catches up soon and not
+in lock-step."""
+_RETRY_OUTCOMES = frozenset({"no_answer", "failed"})
 TOKEN_MARGIN = dt.timedelta(seconds=60)
 """A token closer than this to its expiry is not used for a new request."""
 RUNTIME_COMMANDS = frozenset({"acknowledge_alert", "check_updates"})
@@ -359,6 +368,7 @@ class UnitRuntime:
         seen_connects = 0
         next_check = time.monotonic()
         last_check = -MIN_CHECK_SPACING
+        retry = Backoff(base=min(CHECK_RETRY_BASE, self.check_interval), cap=self.check_interval)
         next_alert = time.monotonic() + self.alert_interval
         while not self._stop.wait(0.2):
             now = time.monotonic()
@@ -373,9 +383,13 @@ class UnitRuntime:
                 due = True
             if due and link.connected and now - last_check >= MIN_CHECK_SPACING:
                 self._check_now.clear()
-                next_check = now + self.check_interval
-                self.check_for_update()
+                outcome = self.check_for_update()
                 last_check = time.monotonic()
+                if outcome in _RETRY_OUTCOMES:
+                    next_check = last_check + retry.next_delay()
+                else:
+                    retry.reset()
+                    next_check = last_check + self.check_interval
             elif due:
                 self._check_now.set()  # keep it for the next turn
 
