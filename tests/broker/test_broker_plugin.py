@@ -67,6 +67,10 @@ def test_plugin_another_user_could_replace_is_refused(cache: Path) -> None:
     with pytest.raises(BrokerError, match="writable by another user"):
         identity_plugin_path()
     path.parent.chmod(0o700)
+    (cache / "mosquitto").chmod(0o770)  # could rename the build directory away
+    with pytest.raises(BrokerError, match="writable by another user"):
+        identity_plugin_path()
+    (cache / "mosquitto").chmod(0o700)
     assert identity_plugin_path() == path
 
 

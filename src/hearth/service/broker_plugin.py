@@ -53,7 +53,7 @@ def identity_plugin_path() -> Path:
         path = Path(override)
         if not path.is_file():
             raise BrokerError(f"HEARTH_MOSQUITTO_IDENTITY_PLUGIN={override} is not a file")
-        _check_private(path)
+        _check_private(path, path.parent)
         return path
     return _build(_cache_dir())
 
@@ -82,8 +82,9 @@ def _build(cache: Path) -> Path:
     key = hashlib.sha256(b"\0".join(parts))
     out_dir = cache / "mosquitto" / key.hexdigest()[:16]
     target = out_dir / PLUGIN_FILE
+    chain = (target, out_dir, cache / "mosquitto", cache)  # who could swap the file
     if target.is_file():
-        _check_private(target)
+        _check_private(*chain)
         return target
     try:
         for d in (cache, cache / "mosquitto", out_dir):
@@ -96,28 +97,31 @@ def _build(cache: Path) -> Path:
     tmp = Path(tmp_name)
     try:
         try:
-            result = subprocess.run(
-                [cc, *_FLAGS, "-o", str(tmp), str(SOURCE), *_LIBS],
-                capture_output=True, text=True, timeout=120, check=False,
+            result = subprocess.run(  # compiles the very bytes hashed above (stdin)
+                [cc, *_FLAGS, "-o", str(tmp), "-x", "c", "-", *_LIBS],
+                input=source, capture_output=True, timeout=120, check=False,
             )
         except (OSError, subprocess.TimeoutExpired) as e:
             raise BrokerError(f"could not run the C compiler {cc}: {e}; {_HINT}") from e
         if result.returncode != 0:
-            detail = " | ".join(result.stderr.strip().splitlines()[:4])
+            errors = result.stderr.decode("utf-8", "replace").strip().splitlines()
+            detail = " | ".join(errors[:4])
             raise BrokerError(
                 f"building Hearth's Mosquitto identity plugin failed ({detail}); {_HINT}")
         tmp.chmod(0o755)
         os.replace(tmp, target)  # concurrent builds produce the same file: last one wins
     finally:
         tmp.unlink(missing_ok=True)
-    _check_private(target)
+    _check_private(*chain)
     return target
 
 
-def _check_private(path: Path) -> None:
-    """The plugin runs inside the broker: refuse one another user could have replaced."""
+def _check_private(*paths: Path) -> None:
+    """The plugin runs inside the broker: refuse it if another user could have replaced
+    it (the file, or a directory on the way to it, writable by group or others, or owned
+    by someone else than us or root)."""
     me = os.geteuid()
-    for p in (path, path.parent):
+    for p in paths:
         st = p.stat()
         if st.st_uid not in (me, 0) or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             raise BrokerError(

@@ -457,14 +457,14 @@ class IngestCore:
     ) -> None:
         if batch_size < 1 or flush_interval <= 0 or excerpt_bytes < 0:
             raise ValueError("batch_size >= 1, flush_interval > 0, excerpt_bytes >= 0")
+        if quarantine_rows_per_key < 1:
+            raise ValueError("quarantine_rows_per_key must be at least 1")
         if not 0 < write_timeout <= 3600:
             raise ValueError("write_timeout must be in (0, 3600] seconds")
         # set_config takes text; the value is our own number, in milliseconds
         self._pg_timeout_sql = (
             f"SELECT set_config('statement_timeout', '{max(1, round(write_timeout * 1000))}', "
             "true)")
-        if quarantine_rows_per_key < 1:
-            raise ValueError("quarantine_rows_per_key must be at least 1")
         self._sf = session_factory
         self.batch_size = batch_size
         self.flush_interval = flush_interval
