@@ -606,6 +606,30 @@ def test_queued_command_survives_broker_restart(
     wait_until(lambda: again.got(b"queued-while-offline"), what="the queued command")
 
 
+def test_reload_keeps_offline_sessions_and_refuses_nobody(
+    shared: World, connect: PeerFactory
+) -> None:
+    """On SIGHUP (every CRL reload, every revocation) Mosquitto re-checks every session,
+    offline ones too, which have no TLS connection to show a certificate: the identity
+    plugin leaves those to dynamic-security (they show theirs when they reconnect), so
+    the reload refuses nobody and a command queued for an offline unit is delivered."""
+    a = shared.units[2]  # (units 3-5 are revoked or quarantined by other tests)
+    first = connect(a.identity(shared.broker), clean_start=False, session_expiry=3600)
+    assert not first.subscribe(cmd(a))[0].is_failure
+    first.close()
+    send_command(control_peer(shared, connect), a, b"queued-across-a-reload")
+    log = shared.broker.log_path
+    before = log.stat().st_size
+    shared.broker.reload_crl()
+    again = connect(a.identity(shared.broker), clean_start=False, session_expiry=3600)
+    wait_until(lambda: again.got(b"queued-across-a-reload"), what="the queued command")
+    with log.open("rb") as f:
+        f.seek(before)
+        since = f.read().decode("utf-8", "replace")
+    assert "Reloading config" in since
+    assert "hearth-identity: refused" not in since, since
+
+
 def test_revoked_unit_stays_disabled_after_restart(
     own: World, attempt: PeerFactory, tmp_path: Path
 ) -> None:

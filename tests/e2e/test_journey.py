@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +71,33 @@ def test_mint_import_connect_store_command(small_fleet: Fleet) -> None:
 
     wait_until(lambda: telemetry_rows() >= 3 * len(agents), timeout=30,
                what="telemetry rows for every unit")
+
+
+def test_connections_the_broker_refuses_are_counted_for_the_operator(
+    small_fleet: Fleet,
+) -> None:
+    """`hearth up` reads the broker's log as it runs: a plain-TCP client and a TLS client
+    without a certificate show up in /security/broker-refusals, by reason."""
+    port = small_fleet.settings.mqtt_port
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as plain:
+        plain.sendall(b"\x10\x0c\x00\x04MQTT\x05\x02\x00\x3c\x00")
+        with contextlib.suppress(OSError):
+            plain.recv(1)
+    ctx = ssl.create_default_context(cafile=str(small_fleet.settings.pki_dir / "root" /
+                                                "ca.pem"))
+    ctx.check_hostname = False
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            contextlib.suppress(ssl.SSLError, OSError), \
+            ctx.wrap_socket(raw) as tls:
+        tls.recv(1)
+    with small_fleet.api() as api:
+        def counts() -> dict[str, int] | None:
+            body = api.get("/security/broker-refusals").json()
+            got = {r["reason"]: r["count"] for r in body["by_reason"] if r["count"]}
+            return got if {"not_tls", "no_certificate"} <= set(got) else None
+
+        got = wait_until(counts, timeout=30, what="the refusals in the operator API")
+    assert got == {"not_tls": 1, "no_certificate": 1}
 
 
 def test_hearth_demo_json_exits_zero_with_a_summary(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ JSON errors with stable codes, security headers."""
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import re
 from collections.abc import Iterator
@@ -20,6 +21,8 @@ from hearth.protocol import Reason
 from hearth.service import auth, fleet
 from hearth.service.api import PUBLIC_PATHS, create_app, iter_routes, require
 from hearth.service.auth import Permission
+from hearth.service.broker_log import REASONS
+from hearth.service.broker_log import record as record_refusals
 from hearth.service.commands import InMemoryCommandPublisher
 from hearth.service.config import Settings
 from hearth.service.ingest import IngestCore
@@ -305,6 +308,25 @@ def test_quarantine_and_counts(api: Api) -> None:
     by_unit = {(c["device_id"], c["reason"]): c["count"] for c in counts["by_unit"]}
     assert by_unit == {(dev, "malformed_json"): 1, (dev, "out_of_range"): 1,
                        (other, "out_of_range"): 1, ("", "unknown_device"): 1}
+
+
+def test_broker_refusals_are_listed_per_reason_and_add_up(api: Api) -> None:
+    empty = api.get("/api/v1/security/broker-refusals").json()
+    assert empty["total"] == 0
+    assert [r["reason"] for r in empty["by_reason"]] == list(REASONS)
+    assert all(r["count"] == 0 and r["last_at"] is None and r["meaning"]
+               for r in empty["by_reason"])
+    first = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
+    for at, counts in ((first, {"identity_mismatch": 2, "auth_refused": 1}),
+                       (first + dt.timedelta(minutes=5), {"identity_mismatch": 1})):
+        with api.sf() as session:
+            record_refusals(session, collections.Counter(counts), at)
+            session.commit()
+    body = api.get("/api/v1/security/broker-refusals").json()
+    got = {r["reason"]: (r["count"], r["last_at"]) for r in body["by_reason"] if r["count"]}
+    assert got == {"identity_mismatch": (3, "2026-11-25T12:05:00Z"),
+                   "auth_refused": (1, "2026-11-25T12:00:00Z")}
+    assert body["total"] == 4
 
 
 # --- commands -------------------------------------------------------------------------------

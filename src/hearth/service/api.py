@@ -60,10 +60,12 @@ from hearth.errors import BrokerError, HearthError, NotFoundError, PKIError, Val
 from hearth.protocol import Reason
 from hearth.service import fleet
 from hearth.service.auth import Permission, Principal, verify_token
+from hearth.service.broker_log import REASONS as BROKER_REFUSAL_REASONS
 from hearth.service.commands import CommandPublisher, CommandService
 from hearth.service.config import Settings
 from hearth.service.db import StorageError, begin_write
 from hearth.service.models import (
+    BrokerRefusal,
     CommandRow,
     EventRow,
     IngestCounter,
@@ -495,6 +497,20 @@ class CountsOut(BaseModel):
     by_unit: list[UnitCount]
 
 
+class RefusalCount(BaseModel):
+    reason: str
+    meaning: str
+    count: int
+    last_at: dt.datetime | None
+
+
+class BrokerRefusalsOut(BaseModel):
+    """Connections the broker refused since the service first ran, per reason."""
+
+    total: int
+    by_reason: list[RefusalCount]
+
+
 Param = StrictBool | StrictInt | StrictFloat | Annotated[StrictStr, Field(max_length=32)]
 
 
@@ -713,6 +729,19 @@ def create_app(
             )
         ]
         return CountsOut(by_reason=by_reason, by_unit=by_unit)
+
+    @route("GET", "/security/broker-refusals", Permission.QUARANTINE_READ,
+           response_model=BrokerRefusalsOut)
+    def broker_refusals(session: Db) -> BrokerRefusalsOut:
+        """Every reason is listed, with 0 where nothing was refused for it."""
+        rows = {r.reason: r for r in session.scalars(sa.select(BrokerRefusal))}
+        items = [
+            RefusalCount(reason=reason, meaning=meaning,
+                         count=rows[reason].count if reason in rows else 0,
+                         last_at=rows[reason].last_at if reason in rows else None)
+            for reason, meaning in BROKER_REFUSAL_REASONS.items()
+        ]
+        return BrokerRefusalsOut(total=sum(i.count for i in items), by_reason=items)
 
     @route("POST", "/units/{device_id}/commands", Permission.COMMANDS_SEND, status_code=202,
            response_model=CommandAccepted,

@@ -25,6 +25,7 @@ from hearth.service.db import JSONType, UTCDateTime
 __all__ = [
     "ApiToken",
     "Base",
+    "BrokerRefusal",
     "CommandRow",
     "CommandStatus",
     "EventRow",
@@ -174,6 +175,16 @@ class IngestCounter(Base):
     """'' for messages that could not be tied to a known unit."""
     reason: Mapped[str] = mapped_column(sa.String(REASON_MAX), primary_key=True)
     count: Mapped[int] = mapped_column(sa.BigInteger)
+
+
+class BrokerRefusal(Base):
+    """Connections the broker refused, per reason (``hearth.service.broker_log``)."""
+
+    __tablename__ = "broker_refusals"
+
+    reason: Mapped[str] = mapped_column(sa.String(REASON_MAX), primary_key=True)
+    count: Mapped[int] = mapped_column(sa.BigInteger)
+    last_at: Mapped[dt.datetime]
 
 
 class CommandRow(Base):

@@ -17,6 +17,9 @@
  *
  * Mosquitto 2.0.11 asks basic-auth callbacks in the order the plugins were loaded and
  * stops at the first answer other than MOSQ_ERR_PLUGIN_DEFER (tests pin both halves).
+ * On a config reload it asks again for every session, offline persistent ones included,
+ * which have no certificate to show: those are left to dynamic-security (a test pins
+ * that a reload refuses nobody and an offline unit keeps its queued command).
  *
  * Built by hearth.service.broker_plugin with the system C compiler (Debian packages
  * mosquitto-dev, libmosquitto-dev, libssl-dev). See docs/adr/0001-broker-identity-binding.md.
@@ -84,11 +87,17 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
     if (has_cert) {
         X509_free(cert);
     }
+    if (!has_cert) {
+        /* The listener has require_certificate: every live connection has shown one
+         * before it can send CONNECT. No certificate here means Mosquitto is checking a
+         * persistent session that is offline again (it re-checks every session on a
+         * config reload, SIGHUP); that session shows its certificate when it reconnects.
+         * dynamic-security still checks its password. */
+        return MOSQ_ERR_PLUGIN_DEFER;
+    }
     const char *client_id = mosquitto_client_id(ed->client);
     const char *why = NULL;
-    if (!has_cert) {
-        why = "no client certificate";
-    } else if (!match) {
+    if (!match) {
         why = "the username is not the certificate's common name";
     } else if (!client_id_allowed(client_id, username)) {
         why = "the client id is not the username or the username and a '-' suffix";

@@ -44,6 +44,8 @@ from hearth.service import auth, db, fleet
 from hearth.service.accounts.wiring import AccountsService, accounts_router, build_accounts
 from hearth.service.api import create_app
 from hearth.service.broker import Broker, BrokerUnit
+from hearth.service.broker_log import LogWatch
+from hearth.service.broker_log import record as record_refusals
 from hearth.service.commands import CommandService, MqttCommandPublisher
 from hearth.service.config import Settings
 from hearth.service.disclosure import DisclosureConfig, DisclosureService, create_router
@@ -107,6 +109,7 @@ class Stack:
         self._stop = threading.Event()
         self._reconciler: threading.Thread | None = None
         self.accounts: AccountsService | None = None
+        self.broker_log: LogWatch | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> StartInfo:
@@ -128,6 +131,8 @@ class Stack:
             units=broker_units(units),
             ingest_sessions=[f"hearth-ingest-{i}" for i in range(self._n_workers)],
         )
+        # from the end of what earlier runs logged: only this run's refusals are new
+        self.broker_log = LogWatch(self.broker.log_path)
         try:
             self.broker.start()
             self.publisher = MqttCommandPublisher(self.broker.identity("hearth-control"))
@@ -328,6 +333,20 @@ class Stack:
                 self.broker.revoke(unit.device_id, cert_from_pem(unit.certificate_pem.encode()))
         if self.accounts is not None:  # owner bindings and resets the units must still hear
             self.accounts.reconcile()
+        self.count_broker_refusals()
+
+    def count_broker_refusals(self) -> None:
+        """Add what the broker refused since the last call to ``broker_refusals``."""
+        if self.broker_log is None:
+            return
+        counts = self.broker_log.read()
+        if not counts:
+            return
+        with self.session_factory() as session:
+            db.begin_write(session)
+            record_refusals(session, counts, db.utcnow())
+            session.commit()
+        log.info("broker refused: %s", ", ".join(f"{r} {n}" for r, n in sorted(counts.items())))
 
     def _reconcile_loop(self) -> None:
         while not self._stop.wait(RECONCILE_INTERVAL):

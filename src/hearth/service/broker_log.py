@@ -1,0 +1,153 @@
+"""What the broker refused, counted by reason from its own log (guideline 10).
+
+Mosquitto logs every connection it turns away - a certificate the CA did not sign, an
+expired or revoked one, no certificate, plain TCP, an old TLS version, a weak cipher, a
+wrong password, another unit's identity or client id (Hearth's identity plugin) - but
+only as text. :class:`LogWatch` reads the log incrementally and turns those lines into
+counts per reason; :func:`record` adds them to the ``broker_refusals`` table, which the
+operator API serves (``GET /api/v1/security/broker-refusals``). A burst of
+``identity_mismatch`` or ``certificate_refused`` is what a cloned or stolen unit, or
+someone probing the front door, looks like.
+
+One refused connection counts once: Mosquitto follows a TLS failure with "disconnected:
+Protocol error." and an identity refusal with "disconnected, not authorised."; those
+follow-up lines are not counted again. Mosquitto 2.0.11's line formats are pinned by
+tests against the real broker.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from hearth.service.models import BrokerRefusal
+
+__all__ = ["REASONS", "LogWatch", "classify", "record"]
+
+REASONS: dict[str, str] = {
+    "certificate_refused": "TLS: the client certificate did not verify (another CA, "
+                           "expired, revoked; also units reconnecting in the moment a "
+                           "restarted broker holds them back, ADR 0001 decision 10)",
+    "no_certificate": "TLS: the client sent no certificate",
+    "tls_version_refused": "TLS: a protocol version below TLS 1.2",
+    "cipher_refused": "TLS: no cipher suite in common (a weak client)",
+    "not_tls": "not TLS at all (plain MQTT or another protocol on the TLS port)",
+    "tls_failed": "TLS: another handshake failure",
+    "identity_mismatch": "the MQTT username is not the certificate's identity",
+    "client_id_mismatch": "a client id that belongs to another identity",
+    "auth_refused": "wrong password, or a revoked or quarantined identity",
+    "protocol_error": "broken MQTT after a good handshake",
+}
+"""Reason code -> what it means."""
+
+MAX_READ = 4 * 1024 * 1024
+"""Bytes read per :meth:`LogWatch.read` call at most (the rest waits for the next call)."""
+
+_AFTER_TLS_FAILURE = "disconnected: Protocol error."
+_AFTER_AUTH_FAILURE = "disconnected, not authorised."
+
+
+def classify(line: str) -> str | None:
+    """The refusal reason of one log line (without its timestamp), or None."""
+    if "OpenSSL Error" in line or ("Client connection from" in line and "failed:" in line):
+        if "certificate verify failed" in line:
+            return "certificate_refused"
+        if "did not return a certificate" in line:
+            return "no_certificate"
+        if "unsupported protocol" in line:
+            return "tls_version_refused"
+        if "no shared cipher" in line:
+            return "cipher_refused"
+        if "wrong version number" in line or "http request" in line:
+            return "not_tls"
+        return "tls_failed"
+    if line.startswith("hearth-identity: refused client "):
+        if "client id" in line:
+            return "client_id_mismatch"
+        return "identity_mismatch"
+    if line.endswith(_AFTER_AUTH_FAILURE):
+        return "auth_refused"
+    if line.endswith(_AFTER_TLS_FAILURE):
+        return "protocol_error"
+    return None
+
+
+@dataclass
+class _Position:
+    inode: int
+    offset: int
+
+
+class LogWatch:
+    """Reads the lines Mosquitto appended since the last call and counts the refusals.
+
+    Starts at the end of the file as it is now (``from_start=False``), so what an earlier
+    run logged is not counted again; a file that shrank or was replaced is read from its
+    beginning. A line still being written is kept for the next call.
+    """
+
+    def __init__(self, path: Path, *, from_start: bool = False) -> None:
+        self.path = path
+        self._pos = self._stat(start=not from_start)
+        self._partial = b""
+        self._swallow: str | None = None  # the follow-up line of a refusal already counted
+
+    def _stat(self, *, start: bool) -> _Position:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return _Position(0, 0)
+        return _Position(st.st_ino, st.st_size if start else 0)
+
+    def read(self) -> collections.Counter[str]:
+        """Refusals per reason in the lines appended since the last call."""
+        counts: collections.Counter[str] = collections.Counter()
+        try:
+            with self.path.open("rb") as f:
+                st = os.fstat(f.fileno())
+                if st.st_ino != self._pos.inode or st.st_size < self._pos.offset:
+                    self._pos, self._partial, self._swallow = _Position(st.st_ino, 0), b"", None
+                f.seek(self._pos.offset)
+                data = f.read(MAX_READ)
+        except FileNotFoundError:
+            return counts
+        self._pos.offset += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        for raw in lines:
+            reason = self._reason(raw.decode("utf-8", "replace").rstrip("\r"))
+            if reason is not None:
+                counts[reason] += 1
+        return counts
+
+    def _reason(self, line: str) -> str | None:
+        _stamp, sep, text = line.partition(": ")
+        text = text if sep else line
+        swallow, self._swallow = self._swallow, None
+        if swallow is not None and text.endswith(swallow):
+            return None
+        reason = classify(text)
+        if reason in ("identity_mismatch", "client_id_mismatch"):
+            self._swallow = _AFTER_AUTH_FAILURE
+        elif reason is not None and reason not in ("auth_refused", "protocol_error"):
+            self._swallow = _AFTER_TLS_FAILURE
+        return reason
+
+
+def record(session: Session, counts: collections.Counter[str], now: dt.datetime) -> None:
+    """Add ``counts`` to the ``broker_refusals`` table (in the caller's transaction)."""
+    for reason, n in sorted(counts.items()):
+        if n <= 0:
+            continue
+        updated = session.execute(
+            sa.update(BrokerRefusal).where(BrokerRefusal.reason == reason)
+            .values(count=BrokerRefusal.count + n, last_at=now))
+        if updated.rowcount == 0:  # type: ignore[attr-defined]
+            session.add(BrokerRefusal(reason=reason, count=n, last_at=now))
+    session.flush()

@@ -1,0 +1,128 @@
+"""Counting what the broker refused, from its log: the line formats of the real Mosquitto
+(one refusal of each kind against the shared broker) and the watcher's bookkeeping."""
+
+from __future__ import annotations
+
+import collections
+import socket
+import ssl
+from pathlib import Path
+
+import pytest
+
+from hearth.pki import MakerPKI
+from hearth.service.broker import INGEST
+from hearth.service.broker_log import REASONS, LogWatch, classify
+from tests.broker.conftest import PeerFactory, World, raw_tls_context
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.broker
+
+STAMP = "2026-11-25T23:00:00: "
+
+
+def test_each_refusal_of_the_real_broker_counts_once_under_its_reason(
+    shared: World, attempt: PeerFactory, tmp_path: Path
+) -> None:
+    watch = LogWatch(shared.broker.log_path)  # from now on
+    seen: collections.Counter[str] = collections.Counter()
+    a, b = shared.units[0], shared.units[1]
+    host, port = "127.0.0.1", shared.broker.port
+    ca = a.identity(shared.broker).cafile
+
+    def handshake(ctx: ssl.SSLContext) -> None:
+        with socket.create_connection((host, port), timeout=5) as raw:
+            try:
+                with ctx.wrap_socket(raw, server_hostname=host) as tls:
+                    tls.recv(1)  # TLS 1.3: the server's refusal arrives after the handshake
+            except (ssl.SSLError, OSError):
+                pass
+
+    foreign = a.reissue(MakerPKI.create(tmp_path / "other"), tmp_path / "foreign.pem")
+    assert not attempt(a.identity(shared.broker, certfile=foreign)).connected
+    handshake(raw_tls_context(cafile=ca, cert=None))
+    handshake(raw_tls_context(cafile=ca, cert=None, max_version=ssl.TLSVersion.TLSv1_1))
+    with socket.create_connection((host, port), timeout=5) as plain:
+        plain.sendall(b"\x10\x0c\x00\x04MQTT\x05\x02\x00\x3c\x00")  # a CONNECT in clear
+        try:
+            plain.recv(1)
+        except OSError:
+            pass
+    assert not attempt(a.identity(shared.broker, password=a.password[:-2] + "xx")).connected
+    assert not attempt(a.identity(shared.broker, username=b.device_id, client_id=b.device_id,
+                                  password=b.password)).connected
+    assert not attempt(shared.broker.identity(INGEST), client_id=a.device_id).connected
+    expected = {"certificate_refused": 1, "no_certificate": 1, "tls_version_refused": 1,
+                "not_tls": 1, "auth_refused": 1, "identity_mismatch": 1,
+                "client_id_mismatch": 1}
+
+    def counted() -> bool:
+        seen.update(watch.read())
+        return all(seen[r] >= n for r, n in expected.items())
+
+    wait_until(counted, timeout=15, what=f"the broker's refusals counted (so far {seen})")
+    seen.update(watch.read())
+    assert dict(seen) == expected
+    assert set(seen) <= set(REASONS)
+
+
+@pytest.mark.parametrize(("line", "reason"), [
+    ("OpenSSL Error[0]: error:0A000086:SSL routines::certificate verify failed",
+     "certificate_refused"),
+    ("OpenSSL Error[0]: error:0A0000C7:SSL routines::peer did not return a certificate",
+     "no_certificate"),
+    ("OpenSSL Error[0]: error:0A000102:SSL routines::unsupported protocol",
+     "tls_version_refused"),
+    ("Client connection from 127.0.0.1 failed: error:0A0000C1:SSL routines::no shared "
+     "cipher.", "cipher_refused"),
+    ("Client connection from 127.0.0.1 failed: error:0A00010B:SSL routines::wrong version "
+     "number.", "not_tls"),
+    ("OpenSSL Error[0]: error:0A000126:SSL routines::unexpected eof while reading",
+     "tls_failed"),
+    ("hearth-identity: refused client x from 127.0.0.1: the username is not the "
+     "certificate's common name", "identity_mismatch"),
+    ("hearth-identity: refused client x from 127.0.0.1: the client id is not the username "
+     "or the username and a '-' suffix", "client_id_mismatch"),
+    ("Client <unknown> disconnected, not authorised.", "auth_refused"),
+    ("Client abc disconnected: Protocol error.", "protocol_error"),
+    ("New connection from 127.0.0.1:43805 on port 50017.", None),
+    ("Client abc disconnected.", None),
+    ("Client abc been disconnected by administrative action.", None),
+])
+def test_classify(line: str, reason: str | None) -> None:
+    assert classify(line) == reason
+    assert reason is None or reason in REASONS
+
+
+def test_follow_up_lines_do_not_count_twice_and_partial_lines_wait(tmp_path: Path) -> None:
+    log = tmp_path / "mosquitto.log"
+    log.write_bytes(f"{STAMP}OpenSSL Error[0]: x certificate verify failed\n".encode())
+    watch = LogWatch(log)  # starts at the end: the line above is history
+    with log.open("ab") as f:
+        f.write(f"{STAMP}OpenSSL Error[0]: x certificate verify failed\n"
+                f"{STAMP}Client <unknown> disconnected: Protocol error.\n"
+                f"{STAMP}hearth-identity: refused client a from b: the username is not "
+                f"the certificate's common name\n"
+                f"{STAMP}Client <unknown> disconnected, not authori".encode())
+    assert watch.read() == {"certificate_refused": 1, "identity_mismatch": 1}
+    with log.open("ab") as f:  # the rest of the follow-up line, then a plain refusal
+        f.write(f"sed.\n{STAMP}Client <unknown> disconnected, not authorised.\n"
+                f"{STAMP}Client c disconnected: Protocol error.\n".encode())
+    assert watch.read() == {"auth_refused": 1, "protocol_error": 1}
+    assert watch.read() == {}
+
+
+def test_a_replaced_or_truncated_log_is_read_from_its_start(tmp_path: Path) -> None:
+    log = tmp_path / "mosquitto.log"
+    refusal = f"{STAMP}Client <unknown> disconnected, not authorised.\n".encode()
+    log.write_bytes(refusal * 3)
+    watch = LogWatch(log, from_start=True)
+    assert watch.read() == {"auth_refused": 3}
+    log.write_bytes(refusal)  # truncated and rewritten (shorter than what was read)
+    assert watch.read() == {"auth_refused": 1}
+    replacement = tmp_path / "new.log"
+    replacement.write_bytes(refusal * 2)
+    replacement.replace(log)  # another file under the same name
+    assert watch.read() == {"auth_refused": 2}
+    log.unlink()
+    assert watch.read() == {}
