@@ -21,6 +21,7 @@ everything: API first, then ingest (flushing what it holds), then the broker.
 
 from __future__ import annotations
 
+import collections
 import logging
 import secrets
 import socket
@@ -110,6 +111,7 @@ class Stack:
         self._reconciler: threading.Thread | None = None
         self.accounts: AccountsService | None = None
         self.broker_log: LogWatch | None = None
+        self._unrecorded_refusals: collections.Counter[str] = collections.Counter()
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> StartInfo:
@@ -339,7 +341,8 @@ class Stack:
         """Add what the broker refused since the last call to ``broker_refusals``."""
         if self.broker_log is None:
             return
-        counts = self.broker_log.read()
+        counts = self._unrecorded_refusals
+        counts.update(self.broker_log.read())  # kept until written: a failed write loses none
         if not counts:
             return
         with self.session_factory() as session:
@@ -347,6 +350,7 @@ class Stack:
             record_refusals(session, counts, db.utcnow())
             session.commit()
         log.info("broker refused: %s", ", ".join(f"{r} {n}" for r, n in sorted(counts.items())))
+        counts.clear()
 
     def _reconcile_loop(self) -> None:
         while not self._stop.wait(RECONCILE_INTERVAL):
