@@ -1,4 +1,4 @@
-"""Small helpers shared by all tests: waiting with a deadline, free ports."""
+"""Small helpers shared by all tests: waiting with a deadline, free ports, a plain-TCP probe."""
 
 from __future__ import annotations
 
@@ -34,3 +34,15 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def plain_mqtt_connect(host: str, port: int) -> bytes:
+    """Send an MQTT CONNECT over plain TCP (no TLS) to ``host:port``; return what came
+    back (``b""`` when the server closed or reset the connection)."""
+    packet = bytes([0x10, 12, 0, 4]) + b"MQTT" + bytes([4, 2, 0, 60, 0, 0])
+    with socket.create_connection((host, port), timeout=5) as s:
+        s.sendall(packet)
+        try:
+            return s.recv(16)
+        except OSError:
+            return b""

@@ -48,7 +48,7 @@ from tests.broker.conftest import (
     past,
     raw_tls_context,
 )
-from tests.helpers import free_port, wait_until
+from tests.helpers import free_port, plain_mqtt_connect, wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -154,14 +154,7 @@ def test_refused_without_client_certificate(shared: World, attempt: PeerFactory)
 
 def test_refused_plain_tcp(shared: World, attempt: PeerFactory) -> None:
     a = shared.units[0]
-    connect_packet = bytes([0x10, 12, 0, 4]) + b"MQTT" + bytes([4, 2, 0, 60, 0, 0])
-    with socket.create_connection((shared.broker.connect_host, shared.broker.port),
-                                  timeout=5) as s:
-        s.sendall(connect_packet)
-        try:
-            reply = s.recv(16)
-        except (ConnectionResetError, TimeoutError):
-            reply = b""
+    reply = plain_mqtt_connect(shared.broker.connect_host, shared.broker.port)
     assert not reply.startswith(b"\x20"), "the broker answered a plain-TCP CONNECT"
     assert attempt(a.identity(shared.broker)).connected
 

@@ -14,7 +14,7 @@ from hearth.pki import MakerPKI
 from hearth.service.broker import INGEST
 from hearth.service.broker_log import REASONS, LogWatch, classify
 from tests.broker.conftest import PeerFactory, World, raw_tls_context
-from tests.helpers import wait_until
+from tests.helpers import plain_mqtt_connect, wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -42,12 +42,7 @@ def test_each_refusal_of_the_real_broker_counts_once_under_its_reason(
     assert not attempt(a.identity(shared.broker, certfile=foreign)).connected
     handshake(raw_tls_context(cafile=ca, cert=None))
     handshake(raw_tls_context(cafile=ca, cert=None, max_version=ssl.TLSVersion.TLSv1_1))
-    with socket.create_connection((host, port), timeout=5) as plain:
-        plain.sendall(b"\x10\x0c\x00\x04MQTT\x05\x02\x00\x3c\x00")  # a CONNECT in clear
-        try:
-            plain.recv(1)
-        except OSError:
-            pass
+    plain_mqtt_connect(host, port)
     assert not attempt(a.identity(shared.broker, password=a.password[:-2] + "xx")).connected
     assert not attempt(a.identity(shared.broker, username=b.device_id, client_id=b.device_id,
                                   password=b.password)).connected

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hearth.service.models import TelemetryRow
 from tests.e2e.conftest import Fleet
-from tests.helpers import wait_until
+from tests.helpers import plain_mqtt_connect, wait_until
 
 
 def test_mint_import_connect_store_command(small_fleet: Fleet) -> None:
@@ -79,10 +79,7 @@ def test_connections_the_broker_refuses_are_counted_for_the_operator(
     """`hearth up` reads the broker's log as it runs: a plain-TCP client and a TLS client
     without a certificate show up in /security/broker-refusals, by reason."""
     port = small_fleet.settings.mqtt_port
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as plain:
-        plain.sendall(b"\x10\x0c\x00\x04MQTT\x05\x02\x00\x3c\x00")
-        with contextlib.suppress(OSError):
-            plain.recv(1)
+    plain_mqtt_connect("127.0.0.1", port)
     ctx = ssl.create_default_context(cafile=str(small_fleet.settings.pki_dir / "root" /
                                                 "ca.pem"))
     ctx.check_hostname = False

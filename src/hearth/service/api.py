@@ -734,12 +734,12 @@ def create_app(
            response_model=BrokerRefusalsOut)
     def broker_refusals(session: Db) -> BrokerRefusalsOut:
         """Every reason is listed, with 0 where nothing was refused for it."""
-        rows = {r.reason: r for r in session.scalars(sa.select(BrokerRefusal))}
+        rows = {r.reason: (r.count, r.last_at)
+                for r in session.scalars(sa.select(BrokerRefusal))}
         items = [
-            RefusalCount(reason=reason, meaning=meaning,
-                         count=rows[reason].count if reason in rows else 0,
-                         last_at=rows[reason].last_at if reason in rows else None)
+            RefusalCount(reason=reason, meaning=meaning, count=count, last_at=last_at)
             for reason, meaning in BROKER_REFUSAL_REASONS.items()
+            for count, last_at in [rows.get(reason, (0, None))]
         ]
         return BrokerRefusalsOut(total=sum(i.count for i in items), by_reason=items)
 

@@ -360,6 +360,11 @@ def _sqlite_ts(ts: dt.datetime | None) -> str | None:
 _SQLITE_UPSERT_COUNTERS = (
     "INSERT INTO ingest_counters (device_id, reason, count) VALUES (?, ?, ?) "
     "ON CONFLICT (device_id, reason) DO UPDATE SET count = ingest_counters.count + excluded.count")
+_SQLITE_LOCK_UNITS = (  # SQLite's write lock is taken by BEGIN IMMEDIATE; no row locks
+    sa.select(_UNITS.c.device_id, _UNITS.c.model, _UNITS.c.status, _UNITS.c.last_seen_at,
+              _UNITS.c.latest_seq)
+    .where(_UNITS.c.device_id.in_(sa.bindparam("ids", expanding=True)))
+    .order_by(_UNITS.c.device_id))
 _SQLITE_UPDATE_SEEN = "UPDATE units SET last_seen_at = ? WHERE device_id = ?"
 _SQLITE_UPDATE_STATE = (
     "UPDATE units SET last_seen_at = ?, latest_seq = ?, latest_ts = ?, "
@@ -740,13 +745,9 @@ class IngestCore:
             for r in conn.exec_driver_sql(_PG_LOCK_UNITS, (ids,)):
                 units[r[0]] = _LockedUnit(r[1], r[2], r[3], r[4])
             return units
-        t = _UNITS
-        stmt = (sa.select(t.c.device_id, t.c.model, t.c.status, t.c.last_seen_at,
-                          t.c.latest_seq)
-                .where(t.c.device_id.in_(sa.bindparam("ids", expanding=True)))
-                .order_by(t.c.device_id).with_for_update())
         for start in range(0, len(ids), _INSERT_CHUNK):
-            for r in conn.execute(stmt, {"ids": ids[start:start + _INSERT_CHUNK]}):
+            chunk = ids[start:start + _INSERT_CHUNK]
+            for r in conn.execute(_SQLITE_LOCK_UNITS, {"ids": chunk}):
                 units[r[0]] = _LockedUnit(r[1], r[2], r[3], r[4])
         return units
 
