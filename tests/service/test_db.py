@@ -153,5 +153,61 @@ def test_telemetry_keyed_by_unit_and_seq_keeps_existing_rows(bare_engine: Engine
         command.downgrade(db.alembic_config(conn), "0401")
     columns, key, rows = shape()
     assert "id" in columns and key == ["id"] and rows == stored
-    db.migrate(bare_engine)
+    db.migrate(bare_engine, revision="0403")
     assert shape()[1] == ["device_id", "seq"]
+
+
+def test_telemetry_digest_column_goes_and_comes_back_as_it_was(bare_engine: Engine) -> None:
+    """Migration 0404 drops telemetry's digest (the ingest compares content instead); the
+    downgrade computes every row's digest again exactly as the ingest before it did."""
+    import hashlib
+    import json
+
+    db.migrate(bare_engine, revision="0403")
+    unit = "cd" * 16
+    rows = [  # (seq, ts, readings as the unit sent them)
+        (1, dt.datetime(2026, 11, 26, 9, 30, tzinfo=dt.timezone(dt.timedelta(hours=2))),
+         {"temperature": 20, "heater": True}),
+        (2, dt.datetime(2026, 11, 26, 9, 30, 0, 125, tzinfo=dt.UTC),
+         {"humidity": 45.5, "mode": "é"}),
+    ]
+
+    def reference(seq: int, ts: dt.datetime, readings: dict[str, object]) -> str:
+        """The digest the ingest stored up to revision 0403 (numbers parsed as floats)."""
+        values = {k: float(v) if type(v) is int else v for k, v in readings.items()}
+        data = {"v": 1, "device_id": unit, "seq": seq, "readings": values,
+                "ts": ts.astimezone(dt.UTC).isoformat()}
+        return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":"),
+                                         default=str).encode()).hexdigest()
+
+    expected = [(unit, seq, reference(seq, ts, r)) for seq, ts, r in rows]
+    now = dt.datetime(2026, 11, 26, 10, 0, tzinfo=dt.UTC)
+    with bare_engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO units (device_id, model, certificate_pem, cert_serial, "
+            "mqtt_password_hash, status, imported_at, latest_state) VALUES "
+            "(:d, 'thermostat', '-', '1', '{}', 'active', :t, '{}')"), {"d": unit, "t": now})
+        table = sa.table("telemetry", *(sa.column(c) for c in (
+            "device_id", "seq", "ts", "received_at", "digest")),
+            sa.column("readings", sa.JSON()))
+        conn.execute(sa.insert(table), [
+            {"device_id": unit, "seq": seq, "ts": ts.astimezone(dt.UTC), "received_at": now,
+             "readings": r, "digest": h} for (seq, ts, r), (_, _, h) in zip(
+                rows, expected, strict=True)])
+
+    def digests() -> list[tuple[object, ...]]:
+        with bare_engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(sa.text(
+                "SELECT device_id, seq, digest FROM telemetry ORDER BY seq"))]
+
+    assert digests() == expected
+    db.migrate(bare_engine, revision="0404")
+    assert "digest" not in {c["name"] for c in sa.inspect(bare_engine).get_columns("telemetry")}
+    with bare_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM telemetry")).scalar_one() == 2
+    with bare_engine.begin() as conn:
+        command.downgrade(db.alembic_config(conn), "0403")
+    assert digests() == expected
+    column = {c["name"]: c for c in sa.inspect(bare_engine).get_columns("telemetry")}["digest"]
+    assert column["nullable"] is False
+    db.migrate(bare_engine)

@@ -249,6 +249,28 @@ def test_replayed_sequence_with_different_content_is_quarantined(
     assert unit(sf, dev).latest_state["temperature"] == 21.5
 
 
+def test_stored_telemetry_is_compared_by_its_whole_content(
+    core: IngestCore, sf: sessionmaker[Session], imported: Fleet
+) -> None:
+    """Against what the database holds (a later batch): whole numbers written as ints,
+    read back from a JSON column, are the same message; another timestamp, or a bool
+    where a number was, is not."""
+    dev = imported.thermostats[0]
+    readings = {"temperature": 20, "humidity": 0, "heater": True, "target": 21.0}
+    core.handle(m.topic(dev), m.telemetry(dev, 7, readings))
+    core.flush()
+    core.handle(m.topic(dev), m.telemetry(dev, 7, {k: float(v) if k != "heater" else v
+                                                    for k, v in readings.items()}))
+    core.handle(m.topic(dev), m.telemetry(dev, 7, readings,
+                                          ts=(m.TS + dt.timedelta(seconds=8)).isoformat()))
+    core.handle(m.topic(dev), m.telemetry(dev, 7, {**readings, "heater": 1}))
+    core.flush()
+    assert counters(sf) == {(dev, ACCEPTED): 1, (dev, DUPLICATE): 1,
+                            (dev, Reason.REPLAYED_SEQUENCE): 1, (dev, Reason.WRONG_TYPE): 1}
+    assert [r.readings for r in telemetry_rows(sf, dev)] == [
+        {"temperature": 20.0, "humidity": 0.0, "heater": True, "target": 21.0}]
+
+
 def test_sequence_numbers_are_per_unit(core: IngestCore, sf: sessionmaker[Session],
                                        imported: Fleet) -> None:
     a, b = imported.thermostats[:2]

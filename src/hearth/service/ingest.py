@@ -25,7 +25,7 @@ Classification of one message, in order::
                                               else the protocol's Reason
     ------------------------------------------ accepted (provisionally) -----------------
     at flush: telemetry/event (device_id, seq) new            -> stored, 'accepted'
-              same seq, same canonical digest (QoS 1 redelivery) -> 'duplicate', dropped
+              same seq, same content (QoS 1 redelivery)        -> 'duplicate', dropped
               same seq, different content                     -> replayed_sequence
               command result for a command of *this* unit     -> command row updated
               result for another unit's / no command          -> unknown_command
@@ -154,7 +154,7 @@ class _Entry:
     reason: str = ACCEPTED
     detail: str = ""
     msg: protocol.Telemetry | protocol.Event | protocol.CommandResult | None = None
-    digest: str = ""
+    digest: str = ""  # events and command results (see _digest); telemetry has none
     raw: bytes | None = None  # kept only while the entry still has to be classified
     deferred: bool = False
     ts: dt.datetime | None = None  # msg.ts in UTC
@@ -203,22 +203,35 @@ def _digest(msg: protocol.Telemetry | protocol.Event | protocol.CommandResult) -
     ``ts`` in UTC ISO 8601. It is stored with the row, so it must never change: the
     messages are flat pydantic models (no aliases, no nested models), so their field
     dict is what ``model_dump(mode="python")`` would give (a test pins the equality).
-    Telemetry takes :func:`_telemetry_digest`, which gives the same digest faster.
+    Telemetry has no digest: it is compared by content (:func:`_same_telemetry`).
     """
     data = dict(msg.__dict__)
     data["ts"] = _utc(msg.ts).isoformat()
     return _sha256(_canonical(data).encode()).hexdigest()
 
 
-def _telemetry_digest(msg: protocol.Telemetry, ts: dt.datetime) -> tuple[str, str]:
-    """(:func:`_digest` of ``msg``, canonical JSON of its readings) with ``ts`` =
-    ``msg.ts`` in UTC. The hot path: the five fields in sorted order are written out
-    here (``device_id`` is 32 hex digits by the schema, so it needs no escaping); the
-    readings' JSON is reused as the stored column. A test pins the equality."""
-    readings = _canonical(msg.readings)
-    body = (f'{{"device_id":"{msg.device_id}","readings":{readings},"seq":{msg.seq:d},'
-            f'"ts":"{ts.isoformat()}","v":{msg.v:d}}}')
-    return _sha256(body.encode()).hexdigest(), readings
+def _same_telemetry(ts: dt.datetime, readings: object,
+                    msg: protocol.Telemetry, msg_ts: dt.datetime) -> bool:
+    """Whether stored telemetry (its ``ts`` and ``readings`` as read back from the
+    database) is the same message as ``msg`` (with ``msg_ts`` = ``msg.ts`` in UTC).
+
+    The rest of a telemetry message is its key (device id, seq) and the version, so this
+    is exact: no hash stands in for the content. The schema parses every number as a
+    float; a JSON column may give a whole number back as an int (PostgreSQL's ``jsonb``
+    stores numerics), so ints are compared as floats - but never a bool as a number.
+    """
+    if _utc(ts) != msg_ts or not isinstance(readings, dict):
+        return False
+    new = msg.readings
+    if readings.keys() != new.keys():
+        return False
+    for name, value in new.items():
+        old = readings[name]
+        if type(old) is int:
+            old = float(old)
+        if type(old) is not type(value) or old != value:
+            return False
+    return True
 
 
 def _has_nul(msg: protocol.Event | protocol.CommandResult) -> bool:
@@ -280,10 +293,10 @@ if (_UNITS.name, _TELEMETRY.name, _EVENTS.name, _COUNTERS.name) != (
 _PG_INSERT_TELEMETRY = """\
 WITH v AS (
   SELECT * FROM unnest(%b::text[], %b::bigint[], %b::timestamptz[], %b::timestamptz[],
-                       %b::text[], %b::jsonb[])
-    AS v(device_id, seq, ts, received_at, digest, readings)
+                       %b::jsonb[])
+    AS v(device_id, seq, ts, received_at, readings)
 ), ins AS (
-  INSERT INTO telemetry (device_id, seq, ts, received_at, digest, readings)
+  INSERT INTO telemetry (device_id, seq, ts, received_at, readings)
   SELECT * FROM v
   ON CONFLICT (device_id, seq) DO NOTHING
   RETURNING device_id, seq
@@ -305,9 +318,9 @@ _PG_LOCK_UNITS = """\
 SELECT device_id, model, status, last_seen_at, latest_seq FROM units
 WHERE device_id = ANY(%b::text[]) ORDER BY device_id FOR UPDATE"""
 # (both return the keys that were *not* inserted: usually none, so nothing to fetch)
-_PG_SELECT_DIGESTS = {
+_PG_SELECT_STORED = {
     "telemetry": """\
-SELECT t.device_id, t.seq, t.digest
+SELECT t.device_id, t.seq, t.ts, t.readings
 FROM telemetry AS t JOIN unnest(%b::text[], %b::bigint[]) AS k(device_id, seq)
   ON t.device_id = k.device_id AND t.seq = k.seq""",
     "events": """\
@@ -333,7 +346,7 @@ SET "count" = ingest_counters."count" + excluded."count\""""
 
 
 _SQLITE_SERIES_COLUMNS = {
-    "telemetry": ("device_id", "seq", "ts", "received_at", "digest", "readings"),
+    "telemetry": ("device_id", "seq", "ts", "received_at", "readings"),
     "events": ("device_id", "seq", "ts", "received_at", "digest", "kind", "detail"),
 }
 
@@ -596,8 +609,7 @@ class IngestCore:
         entry.msg = msg
         entry.ts = _utc(msg.ts)
         if kind == "telemetry":
-            entry.digest, entry.readings_json = _telemetry_digest(
-                msg, entry.ts)  # type: ignore[arg-type]
+            entry.readings_json = _canonical(msg.readings)  # type: ignore[union-attr]
         else:
             entry.digest = _digest(msg)
         entry.reason = ACCEPTED
@@ -761,6 +773,7 @@ class IngestCore:
     ) -> list[_Entry]:
         """Insert accepted telemetry or events idempotently; returns those newly stored."""
         first: dict[tuple[str, int], _Entry] = {}
+        telemetry = kind == "telemetry"
         for e in entries:
             if e.kind != kind or e.reason != ACCEPTED or e.msg is None or e.device_id is None:
                 continue
@@ -768,7 +781,8 @@ class IngestCore:
             seen = first.get(key)
             if seen is None:
                 first[key] = e
-            elif seen.digest == e.digest:
+            elif ((seen.ts, seen.readings_json) == (e.ts, e.readings_json) if telemetry
+                  else seen.digest == e.digest):
                 e.reason = DUPLICATE
             else:
                 e.refuse(Reason.REPLAYED_SEQUENCE,
@@ -785,10 +799,13 @@ class IngestCore:
             conflicted = [k for k, _ in ordered if k not in inserted]
         if not conflicted:
             return [e for _, e in ordered]
-        stored = self._stored_digests(conn, pg, table, conflicted)
+        stored = self._stored_rows(conn, pg, table, conflicted)
         for key in conflicted:
             e = first[key]
-            if stored.get(key) == e.digest:
+            row = stored.get(key)
+            if row is not None and (
+                    _same_telemetry(row[0], row[1], e.msg, e.ts)  # type: ignore[arg-type]
+                    if telemetry else row[0] == e.digest):
                 e.reason = DUPLICATE
             else:
                 e.refuse(Reason.REPLAYED_SEQUENCE,
@@ -805,16 +822,16 @@ class IngestCore:
         seqs = [k[1] for k, _ in ordered]
         tss = [e.ts for _, e in ordered]
         received = [e.received_at for _, e in ordered]
-        digests = [e.digest for _, e in ordered]
         if kind == "telemetry":
             extra = [[e.readings_json for _, e in ordered]]
             sql = _PG_INSERT_TELEMETRY
         else:
-            extra = [[e.msg.kind for _, e in ordered],  # type: ignore[union-attr]
+            extra = [[e.digest for _, e in ordered],
+                     [e.msg.kind for _, e in ordered],  # type: ignore[union-attr]
                      [e.msg.detail for _, e in ordered]]  # type: ignore[union-attr]
             sql = _PG_INSERT_EVENTS
         assert table.name in sql
-        result = conn.exec_driver_sql(sql, (device_ids, seqs, tss, received, digests, *extra))
+        result = conn.exec_driver_sql(sql, (device_ids, seqs, tss, received, *extra))
         conflicted = {(r[0], r[1]) for r in result}
         return [k for k, _ in ordered if k in conflicted]
 
@@ -841,31 +858,35 @@ class IngestCore:
                 msg = e.msg
                 if e.received_at is not received_at:  # one per read burst: format it once
                     received_at, received_text = e.received_at, _sqlite_ts(e.received_at)
-                head = (device_id, seq, _sqlite_ts(e.ts), received_text, e.digest)
-                add(head)
+                add((device_id, seq, _sqlite_ts(e.ts), received_text))
                 if telemetry:
                     params.append(e.readings_json or _canonical(msg.readings))  # type: ignore[union-attr]
                 else:
-                    add((msg.kind, msg.detail))  # type: ignore[union-attr]
+                    add((e.digest, msg.kind, msg.detail))  # type: ignore[union-attr]
             sql = _sqlite_insert_sql(table.name, len(chunk))
             inserted.update((r[0], r[1]) for r in conn.exec_driver_sql(sql, tuple(params)))
         return inserted
 
     @staticmethod
-    def _stored_digests(conn: sa.Connection, pg: bool, table: sa.Table,
-                        keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], str]:
-        stored: dict[tuple[str, int], str] = {}
+    def _stored_rows(conn: sa.Connection, pg: bool, table: sa.Table,
+                     keys: Sequence[tuple[str, int]]
+                     ) -> dict[tuple[str, int], tuple[Any, ...]]:
+        """What is stored under ``keys``: telemetry ``(ts, readings)``, events
+        ``(digest,)``. Only conflicts (redeliveries, replays) come here."""
+        stored: dict[tuple[str, int], tuple[Any, ...]] = {}
         if pg:
-            sql = _PG_SELECT_DIGESTS[table.name]
+            sql = _PG_SELECT_STORED[table.name]
             result = conn.exec_driver_sql(sql, ([k[0] for k in keys], [k[1] for k in keys]))
-            stored.update(((r[0], r[1]), r[2]) for r in result)
+            stored.update(((r[0], r[1]), tuple(r[2:])) for r in result)
             return stored
+        content = ((table.c.ts, table.c.readings) if table.name == "telemetry"
+                   else (table.c.digest,))
         for start in range(0, len(keys), _INSERT_CHUNK):
             chunk_keys = keys[start:start + _INSERT_CHUNK]
-            stmt = sa.select(table.c.device_id, table.c.seq, table.c.digest).where(
+            stmt = sa.select(table.c.device_id, table.c.seq, *content).where(
                 sa.tuple_(table.c.device_id, table.c.seq).in_(chunk_keys)
             )
-            stored.update(((r[0], r[1]), r[2]) for r in conn.execute(stmt))
+            stored.update(((r[0], r[1]), tuple(r[2:])) for r in conn.execute(stmt))
         return stored
 
     @staticmethod

@@ -124,8 +124,8 @@ class TelemetryRow(Base):
     ts: Mapped[dt.datetime]
     received_at: Mapped[dt.datetime]
     readings: Mapped[dict[str, Any]]
-    digest: Mapped[str] = mapped_column(sa.String(64))
-    """SHA-256 of the canonical message: tells a redelivery from a replay."""
+    """No digest column (revision 0404): a redelivery is told from a replay by comparing
+    ``ts`` and ``readings``, the whole of the message besides its key."""
 
     __table_args__ = (sa.Index(None, "device_id", "ts"),)
 
