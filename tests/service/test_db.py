@@ -211,3 +211,24 @@ def test_telemetry_digest_column_goes_and_comes_back_as_it_was(bare_engine: Engi
     column = {c["name"]: c for c in sa.inspect(bare_engine).get_columns("telemetry")}["digest"]
     assert column["nullable"] is False
     db.migrate(bare_engine)
+
+
+def test_telemetry_unit_key_goes_and_comes_back(bare_engine: Engine) -> None:
+    """Migration 0405 leaves the telemetry -> units check to the ingest (which locks the
+    units of every batch); the downgrade restores the foreign key with its cascade."""
+
+    def telemetry_keys() -> list[tuple[list[str], str, str | None]]:
+        return [(fk["constrained_columns"], fk["referred_table"],
+                 fk.get("options", {}).get("ondelete"))
+                for fk in sa.inspect(bare_engine).get_foreign_keys("telemetry")]
+
+    db.migrate(bare_engine, revision="0404")
+    assert telemetry_keys() == [(["device_id"], "units", "CASCADE")]
+    db.migrate(bare_engine, revision="0405")
+    assert telemetry_keys() == []
+    assert [fk["referred_table"] for fk in sa.inspect(bare_engine).get_foreign_keys(
+        "events")] == ["units"]
+    with bare_engine.begin() as conn:
+        command.downgrade(db.alembic_config(conn), "0404")
+    assert telemetry_keys() == [(["device_id"], "units", "CASCADE")]
+    db.migrate(bare_engine)

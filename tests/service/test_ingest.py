@@ -212,6 +212,22 @@ def test_revocation_is_honoured_even_when_the_cache_is_stale(
     assert counters(sf)[(dev, Reason.REVOKED)] == 1
 
 
+def test_telemetry_is_stored_only_for_a_unit_that_exists_at_write_time(
+    core: IngestCore, sf: sessionmaker[Session], imported: Fleet
+) -> None:
+    """The write transaction's unit lock is what keeps telemetry tied to a registered
+    unit (there is no foreign key, revision 0405): a unit row gone after the cache
+    learned it refuses the message as unknown_device, and nothing is stored for it."""
+    dev = imported.thermostats[0]
+    core.handle(m.topic(dev), m.telemetry(dev, 1))  # caches the unit
+    with sf.begin() as s:  # gone behind the cache's back (no Hearth code deletes units)
+        s.execute(sa.text("DELETE FROM units WHERE device_id = :d"), {"d": dev})
+    core.flush()
+    with sf() as s:
+        assert s.execute(sa.text("SELECT count(*) FROM telemetry")).scalar_one() == 0
+    assert counters(sf) == {("", Reason.UNKNOWN_DEVICE): 1}
+
+
 def test_identical_redelivery_is_counted_as_duplicate_not_stored_twice(
     core: IngestCore, sf: sessionmaker[Session], imported: Fleet
 ) -> None:

@@ -158,7 +158,7 @@ class _Entry:
     raw: bytes | None = None  # kept only while the entry still has to be classified
     deferred: bool = False
     ts: dt.datetime | None = None  # msg.ts in UTC
-    readings_json: str = ""  # telemetry: canonical JSON of the readings
+    readings_json: str = ""  # telemetry: compact JSON of the readings
 
     def refuse(self, reason: str, detail: str) -> None:
         self.reason, self.detail = reason, detail
@@ -179,19 +179,28 @@ def _clean(text: str, limit: int) -> str:
     return "".join(c if c.isprintable() else "?" for c in text[:limit])
 
 
-_CANONICAL_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
-_c_encoder = getattr(json.encoder, "c_make_encoder", None)
-_C_CANONICAL = None if _c_encoder is None else _c_encoder(
-    None, str, json.encoder.encode_basestring_ascii, None, ":", ",", True, False, True)
+def _make_dumps(*, sort_keys: bool) -> Callable[[object], str]:
+    """``json.dumps(obj, sort_keys=sort_keys, separators=(",", ":"), default=str)``, about
+    twice as fast: the C encoder ``JSONEncoder.encode`` builds on every call is built
+    once here (without the circular-reference check: messages are flat). A test pins
+    equality."""
+    fallback = json.JSONEncoder(sort_keys=sort_keys, separators=(",", ":"), default=str)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # pragma: no cover - CPython always has the C encoder
+        return fallback.encode
+    encode = make(None, str, json.encoder.encode_basestring_ascii, None, ":", ",",
+                  sort_keys, False, True)
+
+    def dumps(obj: object) -> str:
+        return "".join(encode(obj, 0))
+
+    return dumps
 
 
-def _canonical(obj: object) -> str:
-    """``json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)``, twice as
-    fast: the C encoder ``JSONEncoder.encode`` builds on every call is built once here
-    (without the circular-reference check: messages are flat). A test pins equality."""
-    if _C_CANONICAL is None:  # pragma: no cover - CPython always has the C encoder
-        return _CANONICAL_ENCODER.encode(obj)
-    return "".join(_C_CANONICAL(obj, 0))
+_canonical = _make_dumps(sort_keys=True)
+"""The canonical JSON (sorted keys): what event and command-result digests hash."""
+_compact = _make_dumps(sort_keys=False)
+"""Stored telemetry readings: any key order will do (compared as values, not text)."""
 
 _sha256 = hashlib.sha256
 
@@ -259,7 +268,7 @@ class _LockedUnit:
     ``delta`` is what newly stored telemetry adds to the unit's latest state (readings
     merged in sequence order); the database merges it into the stored state itself
     (``||`` on PostgreSQL, ``json_patch`` on SQLite), so the state is never read here.
-    ``delta_json`` is its JSON when already known (one message: its canonical readings).
+    ``delta_json`` is its JSON when already known (one message: its readings JSON).
     """
 
     __slots__ = ("delta", "delta_json", "last_seen_at", "latest_seq", "latest_ts", "model",
@@ -609,7 +618,7 @@ class IngestCore:
         entry.msg = msg
         entry.ts = _utc(msg.ts)
         if kind == "telemetry":
-            entry.readings_json = _canonical(msg.readings)  # type: ignore[union-attr]
+            entry.readings_json = _compact(msg.readings)  # type: ignore[union-attr]
         else:
             entry.digest = _digest(msg)
         entry.reason = ACCEPTED
@@ -771,7 +780,8 @@ class IngestCore:
         kind: str,
         model: type[TelemetryRow] | type[EventRow],
     ) -> list[_Entry]:
-        """Insert accepted telemetry or events idempotently; returns those newly stored."""
+        """Insert accepted telemetry or events idempotently; returns those newly stored,
+        in (device_id, seq) order."""
         first: dict[tuple[str, int], _Entry] = {}
         telemetry = kind == "telemetry"
         for e in entries:
@@ -781,8 +791,8 @@ class IngestCore:
             seen = first.get(key)
             if seen is None:
                 first[key] = e
-            elif ((seen.ts, seen.readings_json) == (e.ts, e.readings_json) if telemetry
-                  else seen.digest == e.digest):
+            elif (_same_telemetry(seen.ts, seen.msg.readings, e.msg, e.ts)  # type: ignore
+                  if telemetry else seen.digest == e.digest):
                 e.reason = DUPLICATE
             else:
                 e.refuse(Reason.REPLAYED_SEQUENCE,
@@ -860,7 +870,7 @@ class IngestCore:
                     received_at, received_text = e.received_at, _sqlite_ts(e.received_at)
                 add((device_id, seq, _sqlite_ts(e.ts), received_text))
                 if telemetry:
-                    params.append(e.readings_json or _canonical(msg.readings))  # type: ignore[union-attr]
+                    params.append(e.readings_json or _compact(msg.readings))  # type: ignore[union-attr]
                 else:
                     add((e.digest, msg.kind, msg.detail))  # type: ignore[union-attr]
             sql = _sqlite_insert_sql(table.name, len(chunk))
@@ -942,14 +952,15 @@ class IngestCore:
                                      or e.received_at > unit.last_seen_at):
                 unit.last_seen_at = e.received_at
                 changed[device_id] = unit
-        by_seq = sorted(stored_telemetry, key=lambda e: e.msg.seq)  # type: ignore[union-attr]
-        for e in by_seq:
+        for e in stored_telemetry:  # in (device_id, seq) order: each unit's in seq order
             msg = e.msg
             assert isinstance(msg, protocol.Telemetry) and e.device_id is not None
             unit = units[e.device_id]
             if unit.latest_seq is not None and msg.seq <= unit.latest_seq:
                 continue  # an older message arriving late: stored, but not the current state
-            if unit.delta is None:
+            if unit.delta is None or unit.delta.keys() <= msg.readings.keys():
+                # the usual case: a message reports every reading the earlier ones did,
+                # so it replaces them, and its readings JSON is the delta's
                 unit.delta, unit.delta_json = msg.readings, e.readings_json or None
             else:
                 unit.delta, unit.delta_json = {**unit.delta, **msg.readings}, None
@@ -959,7 +970,7 @@ class IngestCore:
         if not changed:
             return
         ordered = sorted(changed.items())
-        dumps = _canonical
+        dumps = _compact
         for _, u in ordered:
             if u.delta is not None and u.delta_json is None:
                 u.delta_json = dumps(u.delta)
