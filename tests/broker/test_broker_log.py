@@ -6,14 +6,23 @@ from __future__ import annotations
 import collections
 import socket
 import ssl
+import struct
 from pathlib import Path
 
 import pytest
 
 from hearth.pki import MakerPKI
 from hearth.service.broker import INGEST
-from hearth.service.broker_log import REASONS, LogWatch, classify
-from tests.broker.conftest import PeerFactory, World, raw_tls_context
+from hearth.service.broker_log import (
+    HOLD_ABORTED,
+    HOLD_BEGINS,
+    HOLD_ENDS,
+    REASONS,
+    LogWatch,
+    classify,
+    mark,
+)
+from tests.broker.conftest import PeerFactory, Unit, World, raw_tls_context
 from tests.helpers import plain_mqtt_connect, wait_until
 
 pytestmark = pytest.mark.broker
@@ -47,9 +56,19 @@ def test_each_refusal_of_the_real_broker_counts_once_under_its_reason(
     assert not attempt(a.identity(shared.broker, username=b.device_id, client_id=b.device_id,
                                   password=b.password)).connected
     assert not attempt(shared.broker.identity(INGEST), client_id=a.device_id).connected
+    # a client id that would write a line of its own into the log (Mosquitto refuses it
+    # before anything logs it), a reserved packet type, a SUBSCRIBE that does not parse,
+    # and a PUBLISH announcing 100,000 bytes: each after a good CONNECT
+    forged = f"x\n{STAMP}{HOLD_BEGINS}"
+    assert not attempt(a.identity(shared.broker, username=b.device_id, password=b.password,
+                                  client_id=forged)).connected
+    c = shared.units[2]
+    for junk in (bytes([0x00, 0x00]), bytes([0x82, 0x05, 0, 1, 0, 0, 0]),
+                 bytes([0x30, 0xA0, 0x8D, 0x06])):
+        assert mqtt_session_then(shared, c, junk)[:2] == bytes([0x20, 0x02])  # CONNACK
     expected = {"certificate_refused": 1, "no_certificate": 1, "tls_version_refused": 1,
                 "not_tls": 1, "auth_refused": 1, "identity_mismatch": 1,
-                "client_id_mismatch": 1}
+                "client_id_mismatch": 1, "protocol_error": 3, "oversize_packet": 1}
 
     def counted() -> bool:
         seen.update(watch.read())
@@ -59,6 +78,30 @@ def test_each_refusal_of_the_real_broker_counts_once_under_its_reason(
     seen.update(watch.read())
     assert dict(seen) == expected
     assert set(seen) <= set(REASONS)
+    assert HOLD_BEGINS not in shared.broker.log_path.read_text()
+
+
+def mqtt_session_then(world: World, unit: Unit, tail: bytes) -> bytes:
+    """CONNECT as ``unit`` (MQTT 3.1.1, its own certificate and password) over raw TLS,
+    then send ``tail``; returns the bytes that came back."""
+
+    def field(data: bytes) -> bytes:
+        return struct.pack(">H", len(data)) + data
+
+    body = (field(b"MQTT") + bytes([4, 0xC2]) + struct.pack(">H", 60) + field(
+        unit.device_id.encode()) + field(unit.device_id.encode()) + field(
+        unit.password.encode()))
+    ctx = raw_tls_context(cafile=unit.directory / "ca.pem",
+                          cert=(unit.directory / "device.pem", unit.directory / "device.key"))
+    with socket.create_connection(("127.0.0.1", world.broker.port), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        tls.sendall(bytes([0x10, len(body)]) + body)
+        back = tls.recv(4)
+        tls.sendall(tail)
+        try:
+            return back + tls.recv(16)
+        except OSError:
+            return back
 
 
 @pytest.mark.parametrize(("line", "reason"), [
@@ -80,6 +123,9 @@ def test_each_refusal_of_the_real_broker_counts_once_under_its_reason(
      "or the username and a '-' suffix", "client_id_mismatch"),
     ("Client <unknown> disconnected, not authorised.", "auth_refused"),
     ("Client abc disconnected: Protocol error.", "protocol_error"),
+    ("Client <unknown> disconnected due to protocol error.", "protocol_error"),
+    ("Client abc disconnected due to malformed packet.", "protocol_error"),
+    ("Client abc disconnected due to oversize packet.", "oversize_packet"),
     ("New connection from 127.0.0.1:43805 on port 50017.", None),
     ("Client abc disconnected.", None),
     ("Client abc been disconnected by administrative action.", None),
@@ -121,3 +167,31 @@ def test_a_replaced_or_truncated_log_is_read_from_its_start(tmp_path: Path) -> N
     assert watch.read() == {"auth_refused": 2}
     log.unlink()
     assert watch.read() == {}
+
+
+def test_certificate_failures_while_units_are_held_back_count_apart(tmp_path: Path) -> None:
+    """Between the broker's hold markers a certificate failure is ``held_back``; any
+    other refusal keeps its reason, and after either kind of end marker (or in a log
+    that was replaced) certificate failures are refusals again."""
+    log = tmp_path / "mosquitto.log"
+    watch = LogWatch(log)
+    cert = f"{STAMP}OpenSSL Error[0]: x certificate verify failed\n"
+    after = f"{STAMP}Client <unknown> disconnected: Protocol error.\n"
+    with log.open("a") as f:
+        f.write(cert + after)
+    mark(log, HOLD_BEGINS)
+    with log.open("a") as f:
+        f.write(cert + after + cert + f"{STAMP}Client <unknown> disconnected, not authorised.\n")
+    assert watch.read() == {"certificate_refused": 1, "held_back": 2, "auth_refused": 1}
+    for end in (HOLD_ENDS, HOLD_ABORTED):
+        mark(log, end)
+        with log.open("a") as f:
+            f.write(cert)
+        assert watch.read() == {"certificate_refused": 1}
+        mark(log, HOLD_BEGINS)
+    log.write_text(cert)  # replaced while holding: a new log starts outside any hold
+    assert watch.read() == {"certificate_refused": 1}
+    assert "held_back" in REASONS
+    mark(log, HOLD_ENDS)
+    stamp, _, text = log.read_text().splitlines()[-1].partition(": ")
+    assert text == HOLD_ENDS and len(stamp) == len("2026-11-26T01:00:00")

@@ -11,6 +11,7 @@ the new Mosquitto process exists and publishes at once.
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import threading
@@ -32,6 +33,7 @@ from hearth.service.broker import (
     INGEST_SUBSCRIPTIONS,
     Broker,
 )
+from hearth.service.broker_log import LogWatch
 from tests.broker.conftest import INGEST_SESSIONS, Peer, PeerFactory, Unit, World
 from tests.helpers import wait_until
 
@@ -223,6 +225,7 @@ def test_units_refused_while_held_and_admitted_after_restore(
     monkeypatch.setattr(broker, "_restore_ingest_sessions",
                         spy("restore", broker._restore_ingest_sessions))
     monkeypatch.setattr(broker, "_release_units", spy("release", broker._release_units))
+    watch = LogWatch(broker.log_path)
     trigger(held, how)
     # restart()/start() return after the release; the supervisor publishes the new pid
     # before the restore, so after a kill we poll.
@@ -235,6 +238,18 @@ def test_units_refused_while_held_and_admitted_after_restore(
         wait_until(lambda: attempt(unit.identity(broker)).connected, what="the unit gets in")
     else:
         assert attempt(unit.identity(broker)).connected
+    # the two held-back attempts are not counted as refused certificates; one from
+    # another CA after the release is
+    foreign = unit.reissue(MakerPKI.create(held.tmp / "other"), held.tmp / "foreign.pem")
+    assert not attempt(unit.identity(broker, certfile=foreign)).connected
+    counts: collections.Counter[str] = collections.Counter()
+
+    def counted() -> bool:
+        counts.update(watch.read())
+        return counts["certificate_refused"] >= 1
+
+    wait_until(counted, what=f"the refusals counted (so far {counts})")
+    assert dict(counts) == {"held_back": 2, "certificate_refused": 1}
 
 
 def test_no_ingest_sessions_no_hold(own_plain: World, attempt: PeerFactory,

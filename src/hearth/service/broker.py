@@ -96,6 +96,7 @@ from hearth.pki import (
     key_to_pem,
 )
 from hearth.protocol import MAX_PAYLOAD_BYTES, TOPIC_PREFIX
+from hearth.service import broker_log
 from hearth.service.broker_plugin import identity_plugin_path
 from hearth.service.mqtt import DEFAULT_KEEPALIVE, MqttIdentity, make_client
 
@@ -1049,7 +1050,7 @@ class Broker:
             "log_type notice",
             "log_type information",
             "connection_messages true",
-            "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+            f"log_timestamp_format {broker_log.LOG_TIMESTAMP_FORMAT}",
             "set_tcp_nodelay true",
             # Nothing in Hearth retains; a unit must not leave messages behind on a topic.
             "retain_available false",
@@ -1091,23 +1092,33 @@ class Broker:
     def _spawn_and_wait(self) -> None:
         binary = mosquitto_path()
         conf = self._dir / "mosquitto.conf"
-        with open(self._dir / "mosquitto.stderr", "ab") as err:
-            proc = subprocess.Popen(
-                [str(binary), "-c", str(conf)],
-                stdin=subprocess.DEVNULL, stdout=err, stderr=err, close_fds=True,
-            )
-        self._proc = proc
-        self._started_at = time.monotonic()
+        hold = bool(self._ingest_sessions)
+        if hold:  # what the log watch needs to tell held-back units from refused ones
+            broker_log.mark(self.log_path, broker_log.HOLD_BEGINS)
+        released = False
         try:
-            self._wait_ready(proc)
-            if self._ingest_sessions:
-                self._restore_ingest_sessions()
-                self._release_units()
-        except BaseException:
-            # Also when the restore failed: a broker that holds units back forever must
-            # not look healthy; the supervisor restarts it with backoff.
-            self._terminate(proc)
-            raise
+            with open(self._dir / "mosquitto.stderr", "ab") as err:
+                proc = subprocess.Popen(
+                    [str(binary), "-c", str(conf)],
+                    stdin=subprocess.DEVNULL, stdout=err, stderr=err, close_fds=True,
+                )
+            self._proc = proc
+            self._started_at = time.monotonic()
+            try:
+                self._wait_ready(proc)
+                if hold:
+                    self._restore_ingest_sessions()
+                    self._release_units()
+                    released = True
+            except BaseException:
+                # Also when the restore failed: a broker that holds units back forever
+                # must not look healthy; the supervisor restarts it with backoff.
+                self._terminate(proc)
+                raise
+        finally:
+            if hold:
+                broker_log.mark(self.log_path, broker_log.HOLD_ENDS if released
+                                else broker_log.HOLD_ABORTED)
 
     def _restore_ingest_sessions(self) -> None:
         """Resume every ingest session and subscribe it to the shared ingest filters.

@@ -13,6 +13,13 @@ One refused connection counts once: Mosquitto follows a TLS failure with "discon
 Protocol error." and an identity refusal with "disconnected, not authorised."; those
 follow-up lines are not counted again. Mosquitto 2.0.11's line formats are pinned by
 tests against the real broker.
+
+A restarted broker refuses every unit certificate until it has restored the ingest
+sessions (ADR 0001 decision 10). The broker writes :data:`HOLD_BEGINS` into the log
+before it starts Mosquitto and a ``hearth: hold ends:`` line once it lets units in (or
+the process is gone); certificate failures between the two count as ``held_back``, not
+as ``certificate_refused``, so a restart does not look like an attack. Every other kind
+of refusal is counted as usual during the hold.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,12 +36,16 @@ from sqlalchemy.orm import Session
 
 from hearth.service.models import BrokerRefusal
 
-__all__ = ["REASONS", "LogWatch", "classify", "record"]
+__all__ = ["HOLD_ABORTED", "HOLD_BEGINS", "HOLD_ENDS", "LOG_TIMESTAMP_FORMAT", "REASONS",
+           "LogWatch", "classify", "mark", "record"]
 
 REASONS: dict[str, str] = {
     "certificate_refused": "TLS: the client certificate did not verify (another CA, "
-                           "expired, revoked; also units reconnecting in the moment a "
-                           "restarted broker holds them back, ADR 0001 decision 10)",
+                           "expired, revoked)",
+    "held_back": "TLS: a certificate refused while a restarted broker held units back "
+                 "until the ingest sessions were restored (ADR 0001 decision 10): units "
+                 "reconnecting a moment too early, and any other certificate failure of "
+                 "that moment",
     "no_certificate": "TLS: the client sent no certificate",
     "tls_version_refused": "TLS: a protocol version below TLS 1.2",
     "cipher_refused": "TLS: no cipher suite in common (a weak client)",
@@ -42,12 +54,23 @@ REASONS: dict[str, str] = {
     "identity_mismatch": "the MQTT username is not the certificate's identity",
     "client_id_mismatch": "a client id that belongs to another identity",
     "auth_refused": "wrong password, or a revoked or quarantined identity",
-    "protocol_error": "broken MQTT after a good handshake",
+    "protocol_error": "broken MQTT after a good handshake: a packet the protocol does not "
+                      "allow (a control character in a client id, a reserved packet "
+                      "type) or one that does not parse",
+    "oversize_packet": "an MQTT packet over the broker's limit (a 16 KiB payload plus "
+                       "headers)",
 }
 """Reason code -> what it means."""
 
 MAX_READ = 4 * 1024 * 1024
 """Bytes read per :meth:`LogWatch.read` call at most (the rest waits for the next call)."""
+
+LOG_TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S"
+"""Mosquitto's ``log_timestamp_format`` in Hearth's config, and the markers' stamps."""
+HOLD_BEGINS = "hearth: hold begins: units are refused until the ingest sessions are restored"
+HOLD_ENDS = "hearth: hold ends: units may connect"
+HOLD_ABORTED = "hearth: hold ends: this Mosquitto process stopped before letting units in"
+_HOLD_END_PREFIX = "hearth: hold ends: "
 
 _AFTER_TLS_FAILURE = "disconnected: Protocol error."
 _AFTER_AUTH_FAILURE = "disconnected, not authorised."
@@ -73,9 +96,23 @@ def classify(line: str) -> str | None:
         return "identity_mismatch"
     if line.endswith(_AFTER_AUTH_FAILURE):
         return "auth_refused"
-    if line.endswith(_AFTER_TLS_FAILURE):
+    if line.endswith((_AFTER_TLS_FAILURE, " disconnected due to protocol error.",
+                      " disconnected due to malformed packet.")):
         return "protocol_error"
+    if line.endswith(" disconnected due to oversize packet."):
+        return "oversize_packet"
     return None
+
+
+def mark(path: Path, text: str) -> None:
+    """Append a line of Hearth's own to Mosquitto's log, stamped as Mosquitto stamps its
+    lines. One ``write`` with ``O_APPEND``: a whole line, even while Mosquitto appends."""
+    line = f"{time.strftime(LOG_TIMESTAMP_FORMAT)}: {text}\n".encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -97,6 +134,7 @@ class LogWatch:
         self._pos = self._stat(start=not from_start)
         self._partial = b""
         self._swallow: str | None = None  # the follow-up line of a refusal already counted
+        self._holding = False  # between HOLD_BEGINS and a "hold ends" line
 
     def _stat(self, *, start: bool) -> _Position:
         try:
@@ -113,6 +151,7 @@ class LogWatch:
                 st = os.fstat(f.fileno())
                 if st.st_ino != self._pos.inode or st.st_size < self._pos.offset:
                     self._pos, self._partial, self._swallow = _Position(st.st_ino, 0), b"", None
+                    self._holding = False
                 f.seek(self._pos.offset)
                 data = f.read(MAX_READ)
         except FileNotFoundError:
@@ -132,7 +171,12 @@ class LogWatch:
         swallow, self._swallow = self._swallow, None
         if swallow is not None and text.endswith(swallow):
             return None
+        if text == HOLD_BEGINS or text.startswith(_HOLD_END_PREFIX):
+            self._holding = text == HOLD_BEGINS
+            return None
         reason = classify(text)
+        if reason == "certificate_refused" and self._holding:
+            reason = "held_back"
         if reason in ("identity_mismatch", "client_id_mismatch"):
             self._swallow = _AFTER_AUTH_FAILURE
         elif reason is not None and reason not in ("auth_refused", "protocol_error"):
