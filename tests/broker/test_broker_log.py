@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from hearth.pki import MakerPKI
+from hearth.protocol import device_topic
 from hearth.service.broker import INGEST
 from hearth.service.broker_log import (
     HOLD_ABORTED,
@@ -21,6 +22,7 @@ from hearth.service.broker_log import (
     LogWatch,
     classify,
     mark,
+    weight,
 )
 from tests.broker.conftest import PeerFactory, Unit, World, raw_tls_context
 from tests.helpers import plain_mqtt_connect, wait_until
@@ -31,7 +33,7 @@ STAMP = "2026-11-25T23:00:00: "
 
 
 def test_each_refusal_of_the_real_broker_counts_once_under_its_reason(
-    shared: World, attempt: PeerFactory, tmp_path: Path
+    shared: World, attempt: PeerFactory, connect: PeerFactory, tmp_path: Path
 ) -> None:
     watch = LogWatch(shared.broker.log_path)  # from now on
     seen: collections.Counter[str] = collections.Counter()
@@ -62,13 +64,22 @@ def test_each_refusal_of_the_real_broker_counts_once_under_its_reason(
     forged = f"x\n{STAMP}{HOLD_BEGINS}"
     assert not attempt(a.identity(shared.broker, username=b.device_id, password=b.password,
                                   client_id=forged)).connected
+    # a connected unit on another unit's topics, the broker's control topic, a wildcard
+    d = connect(shared.units[3].identity(shared.broker))
+    own = device_topic(shared.units[3].device_id, "telemetry")
+    assert not d.publish(own, b"{}").is_failure  # its own: not counted
+    assert d.publish(device_topic(b.device_id, "telemetry"), b"{}").is_failure
+    assert d.subscribe(device_topic(b.device_id, "cmd"))[0].is_failure
+    assert d.subscribe("#")[0].is_failure
+    assert d.publish("$CONTROL/dynamic-security/v1", b"{}").is_failure
     c = shared.units[2]
     for junk in (bytes([0x00, 0x00]), bytes([0x82, 0x05, 0, 1, 0, 0, 0]),
                  bytes([0x30, 0xA0, 0x8D, 0x06])):
         assert mqtt_session_then(shared, c, junk)[:2] == bytes([0x20, 0x02])  # CONNACK
     expected = {"certificate_refused": 1, "no_certificate": 1, "tls_version_refused": 1,
                 "not_tls": 1, "auth_refused": 1, "identity_mismatch": 1,
-                "client_id_mismatch": 1, "protocol_error": 3, "oversize_packet": 1}
+                "client_id_mismatch": 1, "protocol_error": 3, "oversize_packet": 1,
+                "acl_denied": 4}
 
     def counted() -> bool:
         seen.update(watch.read())
@@ -126,6 +137,10 @@ def mqtt_session_then(world: World, unit: Unit, tail: bytes) -> bytes:
     ("Client <unknown> disconnected due to protocol error.", "protocol_error"),
     ("Client abc disconnected due to malformed packet.", "protocol_error"),
     ("Client abc disconnected due to oversize packet.", "oversize_packet"),
+    ("hearth-acl: denied publish by unit " + "a" * 32 + ": not one of its own topics",
+     "acl_denied"),
+    ("hearth-acl: 1234 more denials were not logged one by one", "acl_denied"),
+    ("hearth-acl: many more denials were not logged one by one", None),
     ("New connection from 127.0.0.1:43805 on port 50017.", None),
     ("Client abc disconnected.", None),
     ("Client abc been disconnected by administrative action.", None),
@@ -133,6 +148,7 @@ def mqtt_session_then(world: World, unit: Unit, tail: bytes) -> bytes:
 def test_classify(line: str, reason: str | None) -> None:
     assert classify(line) == reason
     assert reason is None or reason in REASONS
+    assert weight(line) == (1234 if line.startswith("hearth-acl: 1234") else 1)
 
 
 def test_follow_up_lines_do_not_count_twice_and_partial_lines_wait(tmp_path: Path) -> None:
@@ -195,3 +211,32 @@ def test_certificate_failures_while_units_are_held_back_count_apart(tmp_path: Pa
     mark(log, HOLD_ENDS)
     stamp, _, text = log.read_text().splitlines()[-1].partition(": ")
     assert text == HOLD_ENDS and len(stamp) == len("2026-11-26T01:00:00")
+
+
+def test_a_flood_of_denied_publishes_is_counted_exactly_with_few_log_lines(
+    shared: World, connect: PeerFactory
+) -> None:
+    """A unit hammering another unit's topic: every denial counts, while the plugin logs
+    at most 20 of them one by one per second and reports the rest as a number."""
+    watch = LogWatch(shared.broker.log_path)
+    start = shared.broker.log_path.stat().st_size
+    flood = 500
+    peer = connect(shared.units[4].identity(shared.broker))
+    other = device_topic(shared.units[5].device_id, "telemetry")
+    for i in range(flood):
+        peer.client.publish(other, b"%d" % i, qos=0)
+    seen: collections.Counter[str] = collections.Counter()
+
+    def counted() -> bool:
+        seen.update(watch.read())
+        return seen["acl_denied"] >= flood
+
+    wait_until(counted, timeout=15, what=f"{flood} denials counted (so far {seen})")
+    assert dict(seen) == {"acl_denied": flood}
+    with shared.broker.log_path.open("rb") as f:
+        f.seek(start)
+        lines = [line for line in f.read().decode().splitlines() if "hearth-acl:" in line]
+    one_by_one = [line for line in lines if "hearth-acl: denied publish" in line]
+    seconds = {line.partition(": ")[0] for line in lines}
+    assert 0 < len(one_by_one) <= 20 * (len(seconds) + 1) < flood
+    assert len(lines) - len(one_by_one) >= 1  # the rest, as counts

@@ -2,12 +2,14 @@
 
 Mosquitto logs every connection it turns away - a certificate the CA did not sign, an
 expired or revoked one, no certificate, plain TCP, an old TLS version, a weak cipher, a
-wrong password, another unit's identity or client id (Hearth's identity plugin) - but
-only as text. :class:`LogWatch` reads the log incrementally and turns those lines into
-counts per reason; :func:`record` adds them to the ``broker_refusals`` table, which the
-operator API serves (``GET /api/v1/security/broker-refusals``). A burst of
-``identity_mismatch`` or ``certificate_refused`` is what a cloned or stolen unit, or
-someone probing the front door, looks like.
+wrong password, another unit's identity or client id (Hearth's identity plugin), broken
+MQTT - but only as text; what a unit tries on another unit's topics is logged by
+Hearth's plugin (``hearth-acl:``; Mosquitto logs ACL denials only at debug level).
+:class:`LogWatch` reads the log incrementally and turns those lines into counts per
+reason; :func:`record` adds them to the ``broker_refusals`` table, which the operator
+API serves (``GET /api/v1/security/broker-refusals``). A burst of ``identity_mismatch``,
+``certificate_refused`` or ``acl_denied`` is what a cloned, stolen or compromised unit,
+or someone probing the front door, looks like.
 
 One refused connection counts once: Mosquitto follows a TLS failure with "disconnected:
 Protocol error." and an identity refusal with "disconnected, not authorised."; those
@@ -27,6 +29,7 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +40,7 @@ from sqlalchemy.orm import Session
 from hearth.service.models import BrokerRefusal
 
 __all__ = ["HOLD_ABORTED", "HOLD_BEGINS", "HOLD_ENDS", "LOG_TIMESTAMP_FORMAT", "REASONS",
-           "LogWatch", "classify", "mark", "record"]
+           "LogWatch", "classify", "mark", "record", "weight"]
 
 REASONS: dict[str, str] = {
     "certificate_refused": "TLS: the client certificate did not verify (another CA, "
@@ -59,6 +62,8 @@ REASONS: dict[str, str] = {
                       "type) or one that does not parse",
     "oversize_packet": "an MQTT packet over the broker's limit (a 16 KiB payload plus "
                        "headers)",
+    "acl_denied": "a unit published or subscribed outside its own topics (another unit's, "
+                  "the broker's control topics, wildcards)",
 }
 """Reason code -> what it means."""
 
@@ -72,12 +77,16 @@ HOLD_ENDS = "hearth: hold ends: units may connect"
 HOLD_ABORTED = "hearth: hold ends: this Mosquitto process stopped before letting units in"
 _HOLD_END_PREFIX = "hearth: hold ends: "
 
+_ACL_DENIED = "hearth-acl: denied "
+_ACL_UNLOGGED = re.compile(r"hearth-acl: (\d{1,19}) more denials were not logged one by one")
+
 _AFTER_TLS_FAILURE = "disconnected: Protocol error."
 _AFTER_AUTH_FAILURE = "disconnected, not authorised."
 
 
 def classify(line: str) -> str | None:
-    """The refusal reason of one log line (without its timestamp), or None."""
+    """The refusal reason of one log line (without its timestamp), or None. (A line
+    that reports several refusals at once is weighed by :func:`weight`.)"""
     if "OpenSSL Error" in line or ("Client connection from" in line and "failed:" in line):
         if "certificate verify failed" in line:
             return "certificate_refused"
@@ -90,6 +99,8 @@ def classify(line: str) -> str | None:
         if "wrong version number" in line or "http request" in line:
             return "not_tls"
         return "tls_failed"
+    if line.startswith(_ACL_DENIED) or _ACL_UNLOGGED.fullmatch(line):
+        return "acl_denied"
     if line.startswith("hearth-identity: refused client "):
         if "client id" in line:
             return "client_id_mismatch"
@@ -113,6 +124,13 @@ def mark(path: Path, text: str) -> None:
         os.write(fd, line)
     finally:
         os.close(fd)
+
+
+def weight(line: str) -> int:
+    """How many refusals a classified line stands for: the plugin's rate-limited ACL
+    denials are reported as a count; every other line is one."""
+    m = _ACL_UNLOGGED.fullmatch(line)
+    return int(m.group(1)) if m else 1
 
 
 @dataclass
@@ -160,28 +178,29 @@ class LogWatch:
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()
         for raw in lines:
-            reason = self._reason(raw.decode("utf-8", "replace").rstrip("\r"))
+            reason, n = self._reason(raw.decode("utf-8", "replace").rstrip("\r"))
             if reason is not None:
-                counts[reason] += 1
+                counts[reason] += n
         return counts
 
-    def _reason(self, line: str) -> str | None:
+    def _reason(self, line: str) -> tuple[str | None, int]:
         _stamp, sep, text = line.partition(": ")
         text = text if sep else line
         swallow, self._swallow = self._swallow, None
         if swallow is not None and text.endswith(swallow):
-            return None
+            return None, 0
         if text == HOLD_BEGINS or text.startswith(_HOLD_END_PREFIX):
             self._holding = text == HOLD_BEGINS
-            return None
+            return None, 0
         reason = classify(text)
         if reason == "certificate_refused" and self._holding:
             reason = "held_back"
         if reason in ("identity_mismatch", "client_id_mismatch"):
             self._swallow = _AFTER_AUTH_FAILURE
-        elif reason is not None and reason not in ("auth_refused", "protocol_error"):
+        elif reason is not None and reason not in ("auth_refused", "protocol_error",
+                                                   "oversize_packet", "acl_denied"):
             self._swallow = _AFTER_TLS_FAILURE
-        return reason
+        return reason, (weight(text) if reason is not None else 0)
 
 
 def record(session: Session, counts: collections.Counter[str], now: dt.datetime) -> None:
