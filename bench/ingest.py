@@ -802,7 +802,10 @@ class IngestBench:
 
     def verify(self, res: PhaseResult, url: str, seq_base: int) -> None:
         """Every unit's full range of sequence numbers stored once; nothing quarantined."""
+        from sqlalchemy.orm import Session
+
         from hearth.service import db
+        from hearth.service.ingest import totals as ingest_totals
 
         per_unit = self.args.messages_per_unit
         engine = db.make_engine(url)
@@ -812,8 +815,8 @@ class IngestBench:
                     "SELECT device_id, count(*), count(DISTINCT seq), min(seq), max(seq) "
                     "FROM telemetry GROUP BY device_id")).all()
                 quarantined = c.execute(sa.text("SELECT count(*) FROM quarantine")).scalar_one()
-                counters = {r[0]: int(r[1]) for r in c.execute(sa.text(
-                    "SELECT reason, sum(count) FROM ingest_counters GROUP BY reason"))}
+            with Session(engine) as session:
+                counters = ingest_totals(session)
         finally:
             engine.dispose()
         total = sum(int(r[1]) for r in rows)

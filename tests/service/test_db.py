@@ -232,3 +232,46 @@ def test_telemetry_unit_key_goes_and_comes_back(bare_engine: Engine) -> None:
         command.downgrade(db.alembic_config(conn), "0404")
     assert telemetry_keys() == [(["device_id"], "units", "CASCADE")]
     db.migrate(bare_engine)
+
+
+def test_accepted_counts_move_onto_the_units_and_back(bare_engine: Engine) -> None:
+    """Migration 0406 counts accepted messages on the unit row; the counts stored before
+    move there, the other outcomes stay, and the downgrade moves them back - leaving the
+    rows that reference the unit alone (SQLite: no table rebuild, no cascade)."""
+    db.migrate(bare_engine, revision="0405")
+    unit, other = "ef" * 16, "12" * 16
+    now = dt.datetime(2026, 11, 26, 10, 0, tzinfo=dt.UTC)
+    with bare_engine.begin() as conn:
+        for d in (unit, other):
+            conn.execute(sa.text(
+                "INSERT INTO units (device_id, model, certificate_pem, cert_serial, "
+                "mqtt_password_hash, status, imported_at, latest_state) VALUES "
+                "(:d, 'thermostat', '-', :d, '{}', 'active', :t, '{}')"), {"d": d, "t": now})
+        conn.execute(sa.text(
+            'INSERT INTO ingest_counters (device_id, reason, "count") VALUES '
+            "(:d, 'accepted', 7), (:d, 'duplicate', 2), ('', 'unknown_device', 3)"),
+            {"d": unit})
+        conn.execute(sa.text(
+            "INSERT INTO events (device_id, seq, ts, received_at, kind, detail, digest) "
+            "VALUES (:d, 1, :t, :t, 'boot', '', 'x')"), {"d": unit, "t": now})
+
+    def state() -> tuple[dict[str, int], set[tuple[str, str, int]], int]:
+        with bare_engine.connect() as conn:
+            columns = {c["name"] for c in sa.inspect(bare_engine).get_columns("units")}
+            accepted = ({r[0]: r[1] for r in conn.execute(sa.text(
+                "SELECT device_id, accepted_count FROM units"))}
+                if "accepted_count" in columns else {})
+            counters = {tuple(r) for r in conn.execute(sa.text(
+                'SELECT device_id, reason, "count" FROM ingest_counters'))}
+            events = conn.execute(sa.text("SELECT count(*) FROM events")).scalar_one()
+        return accepted, counters, events  # type: ignore[return-value]
+
+    before = {(unit, "accepted", 7), (unit, "duplicate", 2), ("", "unknown_device", 3)}
+    assert state() == ({}, before, 1)
+    db.migrate(bare_engine, revision="0406")
+    assert state() == ({unit: 7, other: 0},
+                       {(unit, "duplicate", 2), ("", "unknown_device", 3)}, 1)
+    with bare_engine.begin() as conn:
+        command.downgrade(db.alembic_config(conn), "0405")
+    assert state() == ({}, before, 1)
+    db.migrate(bare_engine)

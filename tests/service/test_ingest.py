@@ -21,11 +21,17 @@ from hearth import protocol
 from hearth.protocol import Reason
 from hearth.service import fleet
 from hearth.service.db import StorageError
-from hearth.service.ingest import ACCEPTED, DUPLICATE, INTERNAL_ERROR, SUBSCRIPTIONS, IngestCore
+from hearth.service.ingest import (
+    ACCEPTED,
+    DUPLICATE,
+    INTERNAL_ERROR,
+    SUBSCRIPTIONS,
+    IngestCore,
+    counts,
+)
 from hearth.service.models import (
     CommandRow,
     EventRow,
-    IngestCounter,
     QuarantineRow,
     TelemetryRow,
     Unit,
@@ -41,7 +47,7 @@ def core(sf: sessionmaker[Session], imported: Fleet) -> IngestCore:
 
 def counters(sf: sessionmaker[Session]) -> dict[tuple[str, str], int]:
     with sf() as s:
-        return {(c.device_id, c.reason): c.count for c in s.scalars(sa.select(IngestCounter))}
+        return counts(s)
 
 
 def quarantine(sf: sessionmaker[Session]) -> list[QuarantineRow]:

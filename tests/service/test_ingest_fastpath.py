@@ -28,8 +28,9 @@ from hearth.service.ingest import (
     _digest,
     _same_telemetry,
     _utc,
+    counts,
 )
-from hearth.service.models import IngestCounter, QuarantineRow, TelemetryRow
+from hearth.service.models import QuarantineRow, TelemetryRow
 from tests.service import messages as m
 from tests.service.conftest import Fleet
 
@@ -164,7 +165,7 @@ def test_series_rows_are_stored_as_the_orm_would_store_them(
 
 def _counters(sf: sessionmaker[Session]) -> dict[tuple[str, str], int]:
     with sf() as s:
-        return {(c.device_id, c.reason): c.count for c in s.scalars(sa.select(IngestCounter))}
+        return counts(s)
 
 
 def test_a_large_mixed_batch_is_exact(sf: sessionmaker[Session], imported: Fleet) -> None:

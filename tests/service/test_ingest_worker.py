@@ -13,8 +13,8 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session, sessionmaker
 
 from hearth.service.broker import Broker
-from hearth.service.ingest import IngestCore, IngestWorker
-from hearth.service.models import IngestCounter, TelemetryRow
+from hearth.service.ingest import IngestCore, IngestWorker, counts
+from hearth.service.models import TelemetryRow
 from hearth.service.mqtt import MqttIdentity, make_client
 from tests.helpers import wait_until
 from tests.service import messages as m
@@ -57,8 +57,7 @@ def _seqs(sf: sessionmaker[Session], device_id: str) -> list[int]:
 
 def _count(sf: sessionmaker[Session], device_id: str, reason: str) -> int:
     with sf() as s:
-        return int(s.scalar(sa.select(IngestCounter.count).where(
-            IngestCounter.device_id == device_id, IngestCounter.reason == reason)) or 0)
+        return counts(s).get((device_id, reason), 0)
 
 
 def _worker(broker: Broker, sf: sessionmaker[Session], client_id: str) -> IngestWorker:

@@ -58,7 +58,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from hearth import __version__, protocol
 from hearth.errors import BrokerError, HearthError, NotFoundError, PKIError, ValidationError
 from hearth.protocol import Reason
-from hearth.service import fleet
+from hearth.service import fleet, ingest
 from hearth.service.auth import Permission, Principal, verify_token
 from hearth.service.broker_log import REASONS as BROKER_REFUSAL_REASONS
 from hearth.service.commands import CommandPublisher, CommandService
@@ -712,13 +712,7 @@ def create_app(
 
     @route("GET", "/quarantine/counts", Permission.QUARANTINE_READ, response_model=CountsOut)
     def quarantine_counts(session: Db, limit: Limit = 100) -> CountsOut:
-        by_reason = {
-            reason: int(total)
-            for reason, total in session.execute(
-                sa.select(IngestCounter.reason, sa.func.sum(IngestCounter.count))
-                .group_by(IngestCounter.reason).order_by(IngestCounter.reason)
-            )
-        }
+        by_reason = ingest.totals(session)
         refused = sa.not_(IngestCounter.reason.in_(("accepted", "duplicate")))
         by_unit = [
             UnitCount(device_id=c.device_id, reason=c.reason, count=c.count)

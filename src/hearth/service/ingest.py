@@ -30,10 +30,12 @@ Classification of one message, in order::
               command result for a command of *this* unit     -> command row updated
               result for another unit's / no command          -> unknown_command
 
-Every message - good or bad - increments ``ingest_counters[(unit, outcome)]``; refused ones
-also leave a quarantine row (topic, reason, detail, a bounded base64 excerpt), at most
-``quarantine_rows_per_key`` rows per (unit, reason) per batch so a flooding unit cannot fill
-the disk; the counters stay exact.
+Every message - good or bad - is counted per (unit, outcome), in the batch's transaction:
+accepted ones in ``units.accepted_count`` (in the unit's one update per batch), the others
+in ``ingest_counters`` (:func:`counts` reads both). Refused ones also leave a quarantine
+row (topic, reason, detail, a bounded base64 excerpt), at most ``quarantine_rows_per_key``
+rows per (unit, reason) per batch so a flooding unit cannot fill the disk; the counters
+stay exact.
 
 The unit status is checked again inside the write transaction, so a revocation is honoured
 at once even though ``handle`` uses a short-lived cache. A batch the database refuses for
@@ -90,6 +92,8 @@ __all__ = [
     "IngestCore",
     "IngestWorker",
     "Outcome",
+    "counts",
+    "totals",
 ]
 
 log = logging.getLogger(__name__)
@@ -269,10 +273,11 @@ class _LockedUnit:
     merged in sequence order); the database merges it into the stored state itself
     (``||`` on PostgreSQL, ``json_patch`` on SQLite), so the state is never read here.
     ``delta_json`` is its JSON when already known (one message: its readings JSON).
+    ``accepted`` is how many of the batch's messages were accepted for it.
     """
 
-    __slots__ = ("delta", "delta_json", "last_seen_at", "latest_seq", "latest_ts", "model",
-                 "status")
+    __slots__ = ("accepted", "delta", "delta_json", "last_seen_at", "latest_seq", "latest_ts",
+                 "model", "status")
 
     def __init__(self, model: str, status: str, last_seen_at: dt.datetime | None,
                  latest_seq: int | None) -> None:
@@ -281,6 +286,7 @@ class _LockedUnit:
         self.latest_ts: dt.datetime | None = None
         self.delta: dict[str, Any] | None = None
         self.delta_json: str | None = None
+        self.accepted = 0
 
 
 def _table(model: type[Any]) -> sa.Table:
@@ -340,12 +346,14 @@ FROM events AS t JOIN unnest(%b::text[], %b::bigint[]) AS k(device_id, seq)
 _PG_UPDATE_UNITS = """\
 UPDATE units AS u SET
   last_seen_at = v.seen,
+  accepted_count = u.accepted_count + v.accepted,
   latest_seq = CASE WHEN v.state IS NULL THEN u.latest_seq ELSE v.seq END,
   latest_ts = CASE WHEN v.state IS NULL THEN u.latest_ts ELSE v.ts END,
   latest_state = CASE WHEN v.state IS NULL THEN u.latest_state
                       ELSE COALESCE(u.latest_state, '{}'::jsonb) || v.state END
-FROM unnest(%b::text[], %b::timestamptz[], %b::bigint[], %b::timestamptz[], %b::jsonb[])
-  AS v(device_id, seen, seq, ts, state)
+FROM unnest(%b::text[], %b::timestamptz[], %b::bigint[], %b::timestamptz[], %b::jsonb[],
+            %b::bigint[])
+  AS v(device_id, seen, seq, ts, state, accepted)
 WHERE u.device_id = v.device_id"""
 _PG_UPSERT_COUNTERS = """\
 INSERT INTO ingest_counters (device_id, reason, "count")
@@ -387,10 +395,13 @@ _SQLITE_LOCK_UNITS = (  # SQLite's write lock is taken by BEGIN IMMEDIATE; no ro
               _UNITS.c.latest_seq)
     .where(_UNITS.c.device_id.in_(sa.bindparam("ids", expanding=True)))
     .order_by(_UNITS.c.device_id))
-_SQLITE_UPDATE_SEEN = "UPDATE units SET last_seen_at = ? WHERE device_id = ?"
+_SQLITE_UPDATE_SEEN = (
+    "UPDATE units SET last_seen_at = ?, accepted_count = accepted_count + ? "
+    "WHERE device_id = ?")
 _SQLITE_UPDATE_STATE = (
-    "UPDATE units SET last_seen_at = ?, latest_seq = ?, latest_ts = ?, "
-    "latest_state = json_patch(coalesce(latest_state, '{}'), ?) WHERE device_id = ?")
+    "UPDATE units SET last_seen_at = ?, accepted_count = accepted_count + ?, latest_seq = ?, "
+    "latest_ts = ?, latest_state = json_patch(coalesce(latest_state, '{}'), ?) "
+    "WHERE device_id = ?")
 
 
 class _UnitCache:
@@ -461,6 +472,28 @@ class _Stats:
     poison_splits: int = 0
     dropped: int = 0
     outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
+def counts(session: Session) -> dict[tuple[str, str], int]:
+    """Messages per (device id, outcome) as the ingest counted them: accepted ones from
+    ``units.accepted_count``, every other outcome from ``ingest_counters`` (device id
+    ``""``: messages not tied to a registered unit)."""
+    out = {(c.device_id, c.reason): c.count for c in session.scalars(sa.select(IngestCounter))}
+    for device_id, n in session.execute(
+            sa.select(Unit.device_id, Unit.accepted_count).where(Unit.accepted_count > 0)):
+        out[(device_id, ACCEPTED)] = n
+    return out
+
+
+def totals(session: Session) -> dict[str, int]:
+    """Messages per outcome over all units (what :func:`counts` sums to), by reason."""
+    out = {reason: int(n) for reason, n in session.execute(
+        sa.select(IngestCounter.reason, sa.func.sum(IngestCounter.count))
+        .group_by(IngestCounter.reason))}
+    accepted = session.scalar(sa.select(sa.func.sum(Unit.accepted_count)))
+    if accepted:
+        out[ACCEPTED] = int(accepted)
+    return dict(sorted(out.items()))
 
 
 class IngestCore:
@@ -940,16 +973,21 @@ class IngestCore:
         entries: Sequence[_Entry],
         stored_telemetry: Sequence[_Entry],
     ) -> None:
-        """Last seen time of every unit heard from; latest state (readings merged in
-        sequence order) of those with newly stored telemetry. One statement per batch."""
+        """Last seen time of every unit heard from, its count of accepted messages, and
+        the latest state (readings merged in sequence order) of those with newly stored
+        telemetry. One statement per batch."""
         changed: dict[str, _LockedUnit] = {}
         for e in entries:
             device_id = e.device_id
             if device_id is None:
                 continue
             unit = units.get(device_id)
-            if unit is not None and (unit.last_seen_at is None
-                                     or e.received_at > unit.last_seen_at):
+            if unit is None:
+                continue
+            if e.reason == ACCEPTED:
+                unit.accepted += 1
+                changed[device_id] = unit
+            if unit.last_seen_at is None or e.received_at > unit.last_seen_at:
                 unit.last_seen_at = e.received_at
                 changed[device_id] = unit
         for e in stored_telemetry:  # in (device_id, seq) order: each unit's in seq order
@@ -981,10 +1019,12 @@ class IngestCore:
                 [u.latest_seq for _, u in ordered],
                 [u.latest_ts for _, u in ordered],
                 [u.delta_json for _, u in ordered],
+                [u.accepted for _, u in ordered],
             ))
             return
-        seen = [(_sqlite_ts(u.last_seen_at), d) for d, u in ordered if u.delta is None]
-        state = [(_sqlite_ts(u.last_seen_at), u.latest_seq, _sqlite_ts(u.latest_ts),
+        seen = [(_sqlite_ts(u.last_seen_at), u.accepted, d) for d, u in ordered
+                if u.delta is None]
+        state = [(_sqlite_ts(u.last_seen_at), u.accepted, u.latest_seq, _sqlite_ts(u.latest_ts),
                   u.delta_json, d) for d, u in ordered if u.delta is not None]
         if seen:
             conn.exec_driver_sql(_SQLITE_UPDATE_SEEN, seen)
@@ -1015,9 +1055,10 @@ class IngestCore:
 
     @staticmethod
     def _count(conn: sa.Connection, pg: bool, entries: Sequence[_Entry]) -> None:
-        """Counters aggregated per batch, then one upsert (rows in key order)."""
+        """Counters of the batch's other outcomes than accepted (those are counted with
+        the unit, :meth:`_update_units`) aggregated, then one upsert (rows in key order)."""
         counts: collections.Counter[tuple[str, str]] = collections.Counter(
-            (e.device_id or UNKNOWN, e.reason) for e in entries
+            (e.device_id or UNKNOWN, e.reason) for e in entries if e.reason != ACCEPTED
         )
         if not counts:
             return

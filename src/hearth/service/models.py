@@ -104,6 +104,10 @@ class Unit(Base):
     latest_seq: Mapped[int | None] = mapped_column(sa.BigInteger)
     latest_ts: Mapped[dt.datetime | None]
     latest_state: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    accepted_count: Mapped[int] = mapped_column(sa.BigInteger, default=0,
+                                                server_default=sa.text("0"))
+    """Messages the ingest accepted from this unit (revision 0406; its other outcomes are
+    in ``ingest_counters``): counted in the update the ingest makes to the unit anyway."""
     setup_code_hash: Mapped[str | None] = mapped_column(sa.String(256))
     """argon2id hash of the unit's setup code (factory manifest); NULL for units imported
     from a manifest without one (they cannot be claimed by code). Revision 0201."""
