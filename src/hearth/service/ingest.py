@@ -796,12 +796,13 @@ class IngestCore:
         if not ids:
             return units
         if pg:  # one array parameter: the same short statement for any number of units
-            for r in conn.exec_driver_sql(_PG_LOCK_UNITS, (ids,)):
+            # .all(): one fetch (iterating a result fetches row by row, in Python)
+            for r in conn.exec_driver_sql(_PG_LOCK_UNITS, (ids,)).all():
                 units[r[0]] = _LockedUnit(r[1], r[2], r[3], r[4])
             return units
         for start in range(0, len(ids), _INSERT_CHUNK):
             chunk = ids[start:start + _INSERT_CHUNK]
-            for r in conn.execute(_SQLITE_LOCK_UNITS, {"ids": chunk}):
+            for r in conn.execute(_SQLITE_LOCK_UNITS, {"ids": chunk}).all():
                 units[r[0]] = _LockedUnit(r[1], r[2], r[3], r[4])
         return units
 
@@ -875,7 +876,7 @@ class IngestCore:
             sql = _PG_INSERT_EVENTS
         assert table.name in sql
         result = conn.exec_driver_sql(sql, (device_ids, seqs, tss, received, *extra))
-        conflicted = {(r[0], r[1]) for r in result}
+        conflicted = {(r[0], r[1]) for r in result.all()}
         return [k for k, _ in ordered if k in conflicted]
 
     @staticmethod
@@ -907,7 +908,7 @@ class IngestCore:
                 else:
                     add((e.digest, msg.kind, msg.detail))  # type: ignore[union-attr]
             sql = _sqlite_insert_sql(table.name, len(chunk))
-            inserted.update((r[0], r[1]) for r in conn.exec_driver_sql(sql, tuple(params)))
+            inserted.update((r[0], r[1]) for r in conn.exec_driver_sql(sql, tuple(params)).all())
         return inserted
 
     @staticmethod
@@ -920,7 +921,7 @@ class IngestCore:
         if pg:
             sql = _PG_SELECT_STORED[table.name]
             result = conn.exec_driver_sql(sql, ([k[0] for k in keys], [k[1] for k in keys]))
-            stored.update(((r[0], r[1]), tuple(r[2:])) for r in result)
+            stored.update(((r[0], r[1]), tuple(r[2:])) for r in result.all())
             return stored
         content = ((table.c.ts, table.c.readings) if table.name == "telemetry"
                    else (table.c.digest,))
@@ -929,7 +930,7 @@ class IngestCore:
             stmt = sa.select(table.c.device_id, table.c.seq, *content).where(
                 sa.tuple_(table.c.device_id, table.c.seq).in_(chunk_keys)
             )
-            stored.update(((r[0], r[1]), tuple(r[2:])) for r in conn.execute(stmt))
+            stored.update(((r[0], r[1]), tuple(r[2:])) for r in conn.execute(stmt).all())
         return stored
 
     @staticmethod
