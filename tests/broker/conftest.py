@@ -143,6 +143,14 @@ class Peer:
         wait_until(lambda: info.mid in self.pubacks, interval=0.005, what=f"PUBACK {topic}")
         return self.pubacks[info.mid]
 
+    def stop_loop(self) -> None:
+        """Stop the loop thread: from now on the test thread drives ``client`` alone (a
+        TLS connection must not be read and written from two threads at once)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+            assert not self._thread.is_alive(), "the loop thread did not stop"
+
     def got(self, payload: bytes, topic: str | None = None) -> bool:
         return any(m.payload == payload and (topic is None or m.topic == topic)
                    for m in list(self.messages))

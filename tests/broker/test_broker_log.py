@@ -9,6 +9,7 @@ import ssl
 import struct
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
 
 from hearth.pki import MakerPKI
@@ -222,9 +223,13 @@ def test_a_flood_of_denied_publishes_is_counted_exactly_with_few_log_lines(
     start = shared.broker.log_path.stat().st_size
     flood = 500
     peer = connect(shared.units[4].identity(shared.broker))
+    peer.stop_loop()
     other = device_topic(shared.units[5].device_id, "telemetry")
     for i in range(flood):
-        peer.client.publish(other, b"%d" % i, qos=0)
+        assert peer.client.publish(other, b"%d" % i, qos=0).rc == paho.MQTT_ERR_SUCCESS
+        assert peer.client.loop_write() == paho.MQTT_ERR_SUCCESS
+    wait_until(lambda: peer.client.loop_write() == paho.MQTT_ERR_SUCCESS
+               and not peer.client.want_write(), what="every publish written")
     seen: collections.Counter[str] = collections.Counter()
 
     def counted() -> bool:

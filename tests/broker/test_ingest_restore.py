@@ -249,7 +249,10 @@ def test_units_refused_while_held_and_admitted_after_restore(
         return counts["certificate_refused"] >= 1
 
     wait_until(counted, what=f"the refusals counted (so far {counts})")
-    assert dict(counts) == {"held_back": 2, "certificate_refused": 1}
+    assert set(counts) == {"held_back", "certificate_refused"}
+    assert counts["certificate_refused"] == 1
+    # after a kill the test polls while the supervisor is still restoring: more held
+    assert counts["held_back"] == 2 if how != "kill" else counts["held_back"] >= 2
 
 
 def test_no_ingest_sessions_no_hold(own_plain: World, attempt: PeerFactory,
