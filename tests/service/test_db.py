@@ -116,6 +116,14 @@ def test_units_pages_leave_room_for_in_place_updates(engine: Engine) -> None:
     assert "fillfactor=50" in (options or [])
 
 
+def _insert_unit(conn: sa.Connection, device_id: str, now: dt.datetime) -> None:
+    """A unit row as any revision since 0001 holds it (for migration tests)."""
+    conn.execute(sa.text(
+        "INSERT INTO units (device_id, model, certificate_pem, cert_serial, "
+        "mqtt_password_hash, status, imported_at, latest_state) VALUES "
+        "(:d, 'thermostat', '-', :d, '{}', 'active', :t, '{}')"), {"d": device_id, "t": now})
+
+
 def test_telemetry_keyed_by_unit_and_seq_keeps_existing_rows(bare_engine: Engine) -> None:
     """Migration 0402 drops the unused surrogate ``id``: rows stored before it survive,
     (device_id, seq) becomes the primary key, and it can be undone and redone."""
@@ -123,10 +131,7 @@ def test_telemetry_keyed_by_unit_and_seq_keeps_existing_rows(bare_engine: Engine
     now = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
     unit = "ab" * 16
     with bare_engine.begin() as conn:
-        conn.execute(sa.text(
-            "INSERT INTO units (device_id, model, certificate_pem, cert_serial, "
-            "mqtt_password_hash, status, imported_at, latest_state) VALUES "
-            "(:d, 'thermostat', '-', '1', '{}', 'active', :t, '{}')"), {"d": unit, "t": now})
+        _insert_unit(conn, unit, now)
         conn.execute(sa.text(
             "INSERT INTO telemetry (device_id, seq, ts, received_at, readings, digest) "
             "VALUES (:d, 1, :t, :t, '{\"humidity\": 40}', 'x'), "
@@ -183,10 +188,7 @@ def test_telemetry_digest_column_goes_and_comes_back_as_it_was(bare_engine: Engi
     expected = [(unit, seq, reference(seq, ts, r)) for seq, ts, r in rows]
     now = dt.datetime(2026, 11, 26, 10, 0, tzinfo=dt.UTC)
     with bare_engine.begin() as conn:
-        conn.execute(sa.text(
-            "INSERT INTO units (device_id, model, certificate_pem, cert_serial, "
-            "mqtt_password_hash, status, imported_at, latest_state) VALUES "
-            "(:d, 'thermostat', '-', '1', '{}', 'active', :t, '{}')"), {"d": unit, "t": now})
+        _insert_unit(conn, unit, now)
         table = sa.table("telemetry", *(sa.column(c) for c in (
             "device_id", "seq", "ts", "received_at", "digest")),
             sa.column("readings", sa.JSON()))
@@ -243,10 +245,7 @@ def test_accepted_counts_move_onto_the_units_and_back(bare_engine: Engine) -> No
     now = dt.datetime(2026, 11, 26, 10, 0, tzinfo=dt.UTC)
     with bare_engine.begin() as conn:
         for d in (unit, other):
-            conn.execute(sa.text(
-                "INSERT INTO units (device_id, model, certificate_pem, cert_serial, "
-                "mqtt_password_hash, status, imported_at, latest_state) VALUES "
-                "(:d, 'thermostat', '-', :d, '{}', 'active', :t, '{}')"), {"d": d, "t": now})
+            _insert_unit(conn, d, now)
         conn.execute(sa.text(
             'INSERT INTO ingest_counters (device_id, reason, "count") VALUES '
             "(:d, 'accepted', 7), (:d, 'duplicate', 2), ('', 'unknown_device', 3)"),
