@@ -810,12 +810,12 @@ class IngestBench:
         per_unit = self.args.messages_per_unit
         engine = db.make_engine(url)
         try:
-            with engine.connect() as c:
-                rows = c.execute(sa.text(
+            with Session(engine) as session:
+                rows = session.execute(sa.text(
                     "SELECT device_id, count(*), count(DISTINCT seq), min(seq), max(seq) "
                     "FROM telemetry GROUP BY device_id")).all()
-                quarantined = c.execute(sa.text("SELECT count(*) FROM quarantine")).scalar_one()
-            with Session(engine) as session:
+                quarantined = session.execute(
+                    sa.text("SELECT count(*) FROM quarantine")).scalar_one()
                 counters = ingest_totals(session)
         finally:
             engine.dispose()

@@ -145,9 +145,9 @@ class ReadingSpec:
 
     def check(self, name: str, value: object) -> None:
         lo, hi = self.min, self.max
-        if type(value) is float and lo is not None and hi is not None and lo <= value <= hi:
-            if self.kind == "number":  # the common case, first (NaN and ±inf fail above)
-                return
+        if (self.kind == "number" and type(value) is float and lo is not None
+                and hi is not None and lo <= value <= hi):
+            return  # the common case, first (NaN and ±inf fail the bounds)
         if self.kind == "token":
             if not isinstance(value, str) or not _TOKEN_RE.match(value):
                 raise ValidationError(

@@ -713,7 +713,7 @@ def create_app(
     @route("GET", "/quarantine/counts", Permission.QUARANTINE_READ, response_model=CountsOut)
     def quarantine_counts(session: Db, limit: Limit = 100) -> CountsOut:
         by_reason = ingest.totals(session)
-        refused = sa.not_(IngestCounter.reason.in_(("accepted", "duplicate")))
+        refused = sa.not_(IngestCounter.reason.in_((ingest.ACCEPTED, ingest.DUPLICATE)))
         by_unit = [
             UnitCount(device_id=c.device_id, reason=c.reason, count=c.count)
             for c in session.scalars(

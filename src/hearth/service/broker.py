@@ -1090,35 +1090,41 @@ class Broker:
 
     # -- internals: process ----------------------------------------------------------------
     def _spawn_and_wait(self) -> None:
-        binary = mosquitto_path()
-        conf = self._dir / "mosquitto.conf"
-        hold = bool(self._ingest_sessions)
-        if hold:  # what the log watch needs to tell held-back units from refused ones
-            broker_log.mark(self.log_path, broker_log.HOLD_BEGINS)
-        released = False
+        """Start Mosquitto and wait until it serves; with ingest sessions, restore them
+        and then let units in, marking that hold in the log (:mod:`broker_log` counts
+        certificates refused during it apart)."""
+        if not self._ingest_sessions:
+            self._spawn(then=None)
+            return
+        broker_log.mark(self.log_path, broker_log.HOLD_BEGINS)  # before Mosquitto logs
+        end = broker_log.HOLD_ABORTED
         try:
-            with open(self._dir / "mosquitto.stderr", "ab") as err:
-                proc = subprocess.Popen(
-                    [str(binary), "-c", str(conf)],
-                    stdin=subprocess.DEVNULL, stdout=err, stderr=err, close_fds=True,
-                )
-            self._proc = proc
-            self._started_at = time.monotonic()
-            try:
-                self._wait_ready(proc)
-                if hold:
-                    self._restore_ingest_sessions()
-                    self._release_units()
-                    released = True
-            except BaseException:
-                # Also when the restore failed: a broker that holds units back forever
-                # must not look healthy; the supervisor restarts it with backoff.
-                self._terminate(proc)
-                raise
+            self._spawn(then=self._restore_and_release)
+            end = broker_log.HOLD_ENDS
         finally:
-            if hold:
-                broker_log.mark(self.log_path, broker_log.HOLD_ENDS if released
-                                else broker_log.HOLD_ABORTED)
+            broker_log.mark(self.log_path, end)
+
+    def _spawn(self, *, then: Callable[[], None] | None) -> None:
+        with open(self._dir / "mosquitto.stderr", "ab") as err:
+            proc = subprocess.Popen(
+                [str(mosquitto_path()), "-c", str(self._dir / "mosquitto.conf")],
+                stdin=subprocess.DEVNULL, stdout=err, stderr=err, close_fds=True,
+            )
+        self._proc = proc
+        self._started_at = time.monotonic()
+        try:
+            self._wait_ready(proc)
+            if then is not None:
+                then()
+        except BaseException:
+            # Also when the restore failed: a broker that holds units back forever must
+            # not look healthy; the supervisor restarts it with backoff.
+            self._terminate(proc)
+            raise
+
+    def _restore_and_release(self) -> None:
+        self._restore_ingest_sessions()
+        self._release_units()
 
     def _restore_ingest_sessions(self) -> None:
         """Resume every ingest session and subscribe it to the shared ingest filters.

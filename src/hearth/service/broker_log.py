@@ -82,6 +82,12 @@ _ACL_UNLOGGED = re.compile(r"hearth-acl: (\d{1,19}) more denials were not logged
 
 _AFTER_TLS_FAILURE = "disconnected: Protocol error."
 _AFTER_AUTH_FAILURE = "disconnected, not authorised."
+_FOLLOW_UP = {
+    **dict.fromkeys(("certificate_refused", "no_certificate", "tls_version_refused",
+                     "cipher_refused", "not_tls", "tls_failed"), _AFTER_TLS_FAILURE),
+    **dict.fromkeys(("identity_mismatch", "client_id_mismatch"), _AFTER_AUTH_FAILURE),
+}
+"""Reason -> the line Mosquitto logs next for the same refused connection."""
 
 
 def classify(line: str) -> str | None:
@@ -193,14 +199,12 @@ class LogWatch:
             self._holding = text == HOLD_BEGINS
             return None, 0
         reason = classify(text)
+        if reason is None:
+            return None, 0
+        self._swallow = _FOLLOW_UP.get(reason)
         if reason == "certificate_refused" and self._holding:
-            reason = "held_back"
-        if reason in ("identity_mismatch", "client_id_mismatch"):
-            self._swallow = _AFTER_AUTH_FAILURE
-        elif reason is not None and reason not in ("auth_refused", "protocol_error",
-                                                   "oversize_packet", "acl_denied"):
-            self._swallow = _AFTER_TLS_FAILURE
-        return reason, (weight(text) if reason is not None else 0)
+            return "held_back", 1
+        return reason, weight(text) if reason == "acl_denied" else 1
 
 
 def record(session: Session, counts: collections.Counter[str], now: dt.datetime) -> None:

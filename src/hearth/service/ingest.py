@@ -188,10 +188,9 @@ def _make_dumps(*, sort_keys: bool) -> Callable[[object], str]:
     twice as fast: the C encoder ``JSONEncoder.encode`` builds on every call is built
     once here (without the circular-reference check: messages are flat). A test pins
     equality."""
-    fallback = json.JSONEncoder(sort_keys=sort_keys, separators=(",", ":"), default=str)
     make = getattr(json.encoder, "c_make_encoder", None)
     if make is None:  # pragma: no cover - CPython always has the C encoder
-        return fallback.encode
+        return json.JSONEncoder(sort_keys=sort_keys, separators=(",", ":"), default=str).encode
     encode = make(None, str, json.encoder.encode_basestring_ascii, None, ":", ",",
                   sort_keys, False, True)
 
@@ -245,6 +244,27 @@ def _same_telemetry(ts: dt.datetime, readings: object,
         if type(old) is not type(value) or old != value:
             return False
     return True
+
+
+def _stored_form(e: _Entry) -> tuple[Any, ...]:
+    """What :meth:`IngestCore._stored_rows` reads back for a stored message like ``e``:
+    telemetry ``(ts, readings)``, events ``(digest,)``."""
+    if e.kind == "telemetry":
+        return e.ts, e.msg.readings  # type: ignore[union-attr]
+    return (e.digest,)
+
+
+def _settle_reused_key(e: _Entry, stored: tuple[Any, ...] | None) -> None:
+    """``e`` reuses a (unit, seq) key held by ``stored`` (its stored form, None if gone):
+    the same message again is a duplicate, anything else a replay."""
+    same = stored is not None and (
+        _same_telemetry(stored[0], stored[1], e.msg, e.ts)  # type: ignore[arg-type]
+        if e.kind == "telemetry" else stored[0] == e.digest)
+    if same:
+        e.reason = DUPLICATE
+    else:
+        e.refuse(Reason.REPLAYED_SEQUENCE,
+                 f"seq {e.msg.seq} was already used for different content")  # type: ignore[union-attr]
 
 
 def _has_nul(msg: protocol.Event | protocol.CommandResult) -> bool:
@@ -817,7 +837,6 @@ class IngestCore:
         """Insert accepted telemetry or events idempotently; returns those newly stored,
         in (device_id, seq) order."""
         first: dict[tuple[str, int], _Entry] = {}
-        telemetry = kind == "telemetry"
         for e in entries:
             if e.kind != kind or e.reason != ACCEPTED or e.msg is None or e.device_id is None:
                 continue
@@ -825,12 +844,8 @@ class IngestCore:
             seen = first.get(key)
             if seen is None:
                 first[key] = e
-            elif (_same_telemetry(seen.ts, seen.msg.readings, e.msg, e.ts)  # type: ignore
-                  if telemetry else seen.digest == e.digest):
-                e.reason = DUPLICATE
             else:
-                e.refuse(Reason.REPLAYED_SEQUENCE,
-                         f"seq {key[1]} was already used for different content")
+                _settle_reused_key(e, _stored_form(seen))
         if not first:
             return []
         table = model.__table__
@@ -845,15 +860,7 @@ class IngestCore:
             return [e for _, e in ordered]
         stored = self._stored_rows(conn, pg, table, conflicted)
         for key in conflicted:
-            e = first[key]
-            row = stored.get(key)
-            if row is not None and (
-                    _same_telemetry(row[0], row[1], e.msg, e.ts)  # type: ignore[arg-type]
-                    if telemetry else row[0] == e.digest):
-                e.reason = DUPLICATE
-            else:
-                e.refuse(Reason.REPLAYED_SEQUENCE,
-                         f"seq {key[1]} was already used for different content")
+            _settle_reused_key(first[key], stored.get(key))
         refused = set(conflicted)
         return [e for k, e in ordered if k not in refused]
 
