@@ -57,7 +57,8 @@ def test_device_ids_are_128_random_bits() -> None:
     assert 56 < sum(diffs) / len(diffs) < 72
 
 
-@pytest.mark.parametrize("bad", ["", "0001", "AB" * 16, "g" * 32, "serial-000123"])
+@pytest.mark.parametrize("bad", ["", "0001", "AB" * 16, "g" * 32, "serial-000123",
+                                 "ab" * 16 + "\n"])
 def test_certificate_refused_for_non_random_ids(pki: MakerPKI, bad: str) -> None:
     with pytest.raises(PKIError):
         pki.issue_device_cert(bad, generate_key().public_key())

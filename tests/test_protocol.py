@@ -102,10 +102,13 @@ def test_topics() -> None:
     assert parse_topic(device_topic(DEV, "telemetry")) == (DEV, "telemetry")
     assert parse_topic(command_topic(DEV) + "/result") == (DEV, "cmd/result")
     for bad in ["hearth/v1/d/+/telemetry", f"hearth/v1/d/{DEV}/telemetry/x",
-                f"hearth/v2/d/{DEV}/telemetry", "#", "", f"hearth/v1/d/{DEV.upper()}/event"]:
+                f"hearth/v2/d/{DEV}/telemetry", "#", "", f"hearth/v1/d/{DEV.upper()}/event",
+                f"hearth/v1/d/{DEV}/telemetry\n", f"hearth/v1/d/{DEV}/cmd\n"]:
         with pytest.raises(ValidationError) as e:
             parse_topic(bad)
         assert e.value.reason == Reason.UNKNOWN_TOPIC
+    with pytest.raises(ValueError, match="not a valid device topic"):
+        device_topic(DEV, "telemetry\n")
 
 
 def command(**over: Any) -> dict[str, Any]:

@@ -55,10 +55,10 @@ __all__ = [
     "new_device_id",
 ]
 
-DEVICE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+DEVICE_ID_RE = re.compile(r"^[0-9a-f]{32}\Z")
 """A device id: 128 random bits as 32 lowercase hex digits."""
 
-SERVICE_IDENTITY_RE = re.compile(r"^hearth-[a-z]+$")
+SERVICE_IDENTITY_RE = re.compile(r"^hearth-[a-z]+\Z")
 
 ROOT_VALIDITY = dt.timedelta(days=365 * 20)
 ISSUING_VALIDITY = dt.timedelta(days=365 * 10)

@@ -80,11 +80,11 @@ MAX_SEQ = 2**63 - 1
 COMMAND_TTL = dt.timedelta(minutes=5)
 
 TOPIC_PREFIX = "hearth/v1/d"
-_TOPIC_RE = re.compile(
-    r"^hearth/v1/d/([0-9a-f]{32})/(telemetry|event|cmd|cmd/result|update/check|update/offer)$")
+_TOPIC_RE = re.compile(  # fullmatch only: "$" alone would let a trailing newline through
+    r"hearth/v1/d/([0-9a-f]{32})/(telemetry|event|cmd|cmd/result|update/check|update/offer)")
 _NAME = r"^[a-z][a-z0-9_]{0,31}$"
 _DEVICE_ID = r"^[0-9a-f]{32}$"
-_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{16,32}$")
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{16,32}\Z")
 
 
 class Reason(enum.StrEnum):
@@ -112,7 +112,7 @@ class Reason(enum.StrEnum):
 def device_topic(device_id: str, kind: str) -> str:
     """``hearth/v1/d/{device_id}/{kind}`` for kind in telemetry, event, cmd, cmd/result."""
     topic = f"{TOPIC_PREFIX}/{device_id}/{kind}"
-    if not _TOPIC_RE.match(topic):
+    if not _TOPIC_RE.fullmatch(topic):
         raise ValueError(f"not a valid device topic: {topic!r}")
     return topic
 
@@ -123,7 +123,7 @@ def command_topic(device_id: str) -> str:
 
 def parse_topic(topic: str) -> tuple[str, str]:
     """Split a device topic into ``(device_id, kind)``; refuses anything else."""
-    m = _TOPIC_RE.match(topic)
+    m = _TOPIC_RE.fullmatch(topic)
     if not m:
         raise ValidationError(Reason.UNKNOWN_TOPIC, "topic is not a Hearth device topic")
     return m.group(1), m.group(2)

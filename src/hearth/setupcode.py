@@ -47,7 +47,7 @@ CODE_SYMBOLS = 10
 ENTROPY_BITS = CODE_SYMBOLS * 5
 SETUP_URI_SCHEME = "hearth-setup"
 SETUP_URI_VERSION = "1"
-_DEVICE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+_DEVICE_ID_RE = re.compile(r"^[0-9a-f]{32}\Z")
 _ALIASES = str.maketrans({"I": "1", "L": "1", "O": "0"})
 
 

@@ -52,6 +52,15 @@ def test_wrong_secret_for_a_real_id_is_refused(sf: sessionmaker[Session]) -> Non
     assert _verify(sf, f"{prefix}.{flipped}") is None
 
 
+def test_a_real_token_with_anything_after_it_is_refused(sf: sessionmaker[Session]) -> None:
+    """The whole header value is the token: a trailing newline (which a regex's ``$``
+    lets through) or space is not ignored."""
+    token = _create(sf)
+    assert _verify(sf, token) is not None
+    for suffix in ("\n", " ", "x"):
+        assert _verify(sf, token + suffix) is None
+
+
 @pytest.mark.parametrize("token", ["", "hth_", "Bearer x", "hth_" + "0" * 16 + "." + "a" * 43,
                                    "x" * 10_000, "hth_zzzzzzzzzzzzzzzz." + "a" * 43])
 def test_malformed_or_unknown_token_is_refused(sf: sessionmaker[Session], token: str) -> None:

@@ -79,7 +79,7 @@ from hearth.protocol import (
 __all__ = ["DEFAULT_TELEMETRY_INTERVAL", "Agent", "AgentStatus", "run_device"]
 
 DEFAULT_TELEMETRY_INTERVAL = 60.0
-_COMMAND_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+_COMMAND_ID_RE = re.compile(r"^[0-9a-f]{32}\Z")
 _DETAIL_MAX = 256
 
 _log = logging.getLogger("hearth.device.agent")

@@ -37,8 +37,8 @@ from hearth.protocol import MODELS, ModelSpec
 __all__ = ["UNIT_FORMAT", "UnitIdentity"]
 
 UNIT_FORMAT = 1
-_DEVICE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
-_HOST_RE = re.compile(r"^[A-Za-z0-9.:\-\[\]]{1,253}$")
+_DEVICE_ID_RE = re.compile(r"^[0-9a-f]{32}\Z")
+_HOST_RE = re.compile(r"^[A-Za-z0-9.:\-\[\]]{1,253}\Z")
 _MAX_UNIT_JSON = 64 * 1024
 _MAX_SECRET = 256
 

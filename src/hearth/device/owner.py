@@ -54,7 +54,7 @@ OWNER_FILE = Path("state") / "owner.json"
 USER_DATA_DIR = Path("state") / "user"
 SETUP_HASH_FILE = "setup.hash"
 RESET_EVENT = "factory_reset"
-_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{16,32}$")
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{16,32}\Z")
 _MAX_FILE = 4096
 
 

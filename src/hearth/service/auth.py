@@ -45,8 +45,8 @@ __all__ = [
 ]
 
 TOKEN_PREFIX = "hth_"  # noqa: S105 - a prefix, not a secret
-_TOKEN_RE = re.compile(r"^hth_([0-9a-f]{16})\.([A-Za-z0-9_-]{43})$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._@-]{0,63}$")
+_TOKEN_RE = re.compile(r"^hth_([0-9a-f]{16})\.([A-Za-z0-9_-]{43})\Z")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._@-]{0,63}\Z")
 MAX_TOKEN_CHARS = 128
 
 

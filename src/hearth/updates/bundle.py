@@ -76,12 +76,12 @@ BUNDLE_FORMAT = 1
 DELIVERY_FORMAT = 1
 MANIFEST_NAME = "manifest.json"
 _CHUNK = 64 * 1024
-_VERSION_RE = re.compile(r"^(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})$")
-_MODEL_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
-_COMPONENT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_VERSION_RE = re.compile(r"^(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})\Z")
+_MODEL_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}\Z")
+_COMPONENT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}\Z")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
 _TARGET_RE = re.compile(
-    r"^([a-z][a-z0-9_]{0,31})/\1-((?:0|[1-9][0-9]{0,5})(?:\.(?:0|[1-9][0-9]{0,5})){2})\.tar$"
+    r"^([a-z][a-z0-9_]{0,31})/\1-((?:0|[1-9][0-9]{0,5})(?:\.(?:0|[1-9][0-9]{0,5})){2})\.tar\Z"
 )
 
 

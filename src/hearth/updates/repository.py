@@ -88,7 +88,7 @@ from hearth.updates.keys import OfflineRootKeys, OnlineKeys
 __all__ = ["ONLINE_ROLES", "Expiries", "Release", "Repository"]
 
 ONLINE_ROLES = ("targets", "snapshot", "timestamp")
-_ROOT_FILE_RE = re.compile(r"^([1-9][0-9]{0,8})\.root\.json$")
+_ROOT_FILE_RE = re.compile(r"^([1-9][0-9]{0,8})\.root\.json\Z")
 _CHUNK = 1024 * 1024
 _S = TypeVar("_S", Root, Timestamp, Snapshot, Targets)
 

@@ -67,7 +67,7 @@ from hearth.service.web import CsrfProtection, Signer, Templates
 __all__ = ["AccountsService", "SignInFailed", "SignInResult", "create_account",
            "normalize_email"]
 
-_EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,189}\.[^@\s]{1,63}$")
+_EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,189}\.[^@\s]{1,63}\Z")
 KNOWN_DEVICE_DAYS = 180
 HOUSEKEEPING_EVERY = dt.timedelta(minutes=1)
 

@@ -36,10 +36,10 @@ __all__ = [
 DEFAULT_ATTACHMENT_TYPES = ("text/plain", "application/pdf", "image/png", "image/jpeg")
 """Attachment types accepted, decided by sniffing the bytes (never the client's claim)."""
 
-_LANG_TAG = re.compile(r"^[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*$")
+_LANG_TAG = re.compile(r"^[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*\Z")
 _CONTACT_SCHEMES = ("mailto", "https", "tel")
 _ENCRYPTION_SCHEMES = ("https", "openpgp4fpr", "dns")
-_PREFIX = re.compile(r"^[A-Z][A-Z0-9]{1,15}$")
+_PREFIX = re.compile(r"^[A-Z][A-Z0-9]{1,15}\Z")
 
 
 class IntakeLimits(BaseModel):

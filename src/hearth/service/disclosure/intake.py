@@ -137,7 +137,7 @@ REPORT_FIELDS = frozenset(
      "wants_credit"}
 )
 _EMAIL = re.compile(
-    r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63})+$"
+    r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63})+\Z"
 )
 # Bidirectional-override and isolate characters can make text read differently from
 # what it is ("Trojan Source"); refused with the C0/C1 controls.

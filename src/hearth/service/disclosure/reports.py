@@ -39,7 +39,7 @@ __all__ = [
     "submit_report",
 ]
 
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]{43}$")
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{43}\Z")
 
 
 def new_tracking_id() -> str:

@@ -27,15 +27,15 @@ from hearth.service.disclosure.config import DisclosureConfig
 
 __all__ = ["SecurityTxt", "parse_security_txt", "render_security_txt"]
 
-_FIELD_LINE = re.compile(r"^([A-Za-z0-9!#$%&'*+.^_`|~-]+):[ \t]+(\S(?:.*\S)?)[ \t]*$")
+_FIELD_LINE = re.compile(r"^([A-Za-z0-9!#$%&'*+.^_`|~-]+):[ \t]+(\S(?:.*\S)?)[ \t]*\Z")
 # RFC 3339 date-time (the Internet profile of ISO 8601), with a mandatory offset.
 _RFC3339 = re.compile(
-    r"^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$"
+    r"^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})\Z"
 )
 _URI_FIELDS = {"acknowledgments", "canonical", "contact", "encryption", "hiring", "policy", "csaf"}
 _WEB_MUST_BE_HTTPS = {"acknowledgments", "canonical", "hiring", "policy", "csaf"}
 _SINGLE = {"expires", "preferred-languages"}
-_LANG_TAG = re.compile(r"^[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*$")
+_LANG_TAG = re.compile(r"^[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*\Z")
 
 
 def _format_expires(t: dt.datetime) -> str:

@@ -86,7 +86,7 @@ class TriageError(ValidationError):
 
 
 # --- versions and affected ranges -------------------------------------------------------
-_VERSION = re.compile(r"^\d{1,6}(\.\d{1,6}){0,3}$")
+_VERSION = re.compile(r"^\d{1,6}(\.\d{1,6}){0,3}\Z")
 
 
 def parse_version(value: str) -> tuple[int, ...]:

@@ -32,11 +32,11 @@ __all__ = ["PERMISSION_UPDATE_TOKEN", "create_files_router"]
 
 PERMISSION_UPDATE_TOKEN = "updates:read (unit update token)"  # noqa: S105 - a name
 _METADATA_RE = re.compile(
-    r"^(?:(?:[1-9][0-9]{0,8})\.(?:root|snapshot|targets)|root|timestamp)\.json$")
+    r"^(?:(?:[1-9][0-9]{0,8})\.(?:root|snapshot|targets)|root|timestamp)\.json\Z")
 _TARGET_RE = re.compile(
     r"^([a-z][a-z0-9_]{0,31})/[0-9a-f]{64}\.\1-(?:0|[1-9][0-9]{0,5})(?:\.(?:0|[1-9][0-9]{0,5})){2}"
-    r"\.tar$")
-_RANGE_RE = re.compile(r"^bytes=[0-9]{1,15}-(?:[0-9]{1,15})?$")
+    r"\.tar\Z")
+_RANGE_RE = re.compile(r"^bytes=[0-9]{1,15}-(?:[0-9]{1,15})?\Z")
 
 
 def _json_error(status: int, error: str, detail: str,

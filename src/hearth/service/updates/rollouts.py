@@ -96,8 +96,8 @@ MAX_ATTEMPTS = 3
 """A unit whose download or install failed is offered the release again this many times."""
 UPDATE_EVENTS = ("update_installed", "update_failed", "update_rolled_back",
                  "update_available", "integrity_alert")
-_VERSION_RE = re.compile(r"^(0|[1-9][0-9]{0,5})(\.(0|[1-9][0-9]{0,5})){2}$")
-_TIME_RE = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])$")
+_VERSION_RE = re.compile(r"^(0|[1-9][0-9]{0,5})(\.(0|[1-9][0-9]{0,5})){2}\Z")
+_TIME_RE = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])\Z")
 _OPEN = (RolloutStatus.ACTIVE.value, RolloutStatus.PAUSED.value, RolloutStatus.HALTED.value)
 _FAILED = (RolloutUnitStatus.FAILED.value, RolloutUnitStatus.ROLLED_BACK.value)
 

@@ -38,7 +38,7 @@ DEFAULT_TTL = dt.timedelta(minutes=10)
 MAX_TTL = dt.timedelta(minutes=15)
 _PURPOSE = "update-token"
 _PAYLOAD_RE = re.compile(
-    r"^v1~([0-9a-f]{32})~([a-z][a-z0-9_]{0,31})~(updates:read)~([0-9]{10,12})~([0-9a-f]{16})$")
+    r"^v1~([0-9a-f]{32})~([a-z][a-z0-9_]{0,31})~(updates:read)~([0-9]{10,12})~([0-9a-f]{16})\Z")
 MAX_TOKEN_CHARS = 256
 
 
