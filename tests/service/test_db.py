@@ -274,3 +274,39 @@ def test_accepted_counts_move_onto_the_units_and_back(bare_engine: Engine) -> No
         command.downgrade(db.alembic_config(conn), "0405")
     assert state() == ({}, before, 1)
     db.migrate(bare_engine)
+
+
+def test_telemetry_readings_keep_their_values_across_the_json_change(
+        bare_engine: Engine) -> None:
+    """Migration 0407 stores telemetry readings as ``json`` on PostgreSQL (``jsonb``
+    before): the stored values survive both directions; SQLite keeps its JSON text."""
+    db.migrate(bare_engine, revision="0406")
+    unit = "ab" * 16
+    now = dt.datetime(2026, 11, 26, 10, 0, tzinfo=dt.UTC)
+    readings = {"temperature": 21.5, "humidity": 40.0, "heater": True, "lock": "locked"}
+    with bare_engine.begin() as conn:
+        _insert_unit(conn, unit, now)
+        conn.execute(sa.text(
+            "INSERT INTO telemetry (device_id, seq, ts, received_at, readings) "
+            "VALUES (:d, 1, :t, :t, :r)").bindparams(sa.bindparam("r", type_=db.JSONType)),
+            {"d": unit, "t": now, "r": readings})
+
+    def stored() -> tuple[str, object]:
+        with bare_engine.connect() as conn:
+            kind = ""
+            if bare_engine.dialect.name == "postgresql":
+                kind = conn.execute(sa.text(
+                    "SELECT data_type FROM information_schema.columns "
+                    "WHERE table_name = 'telemetry' AND column_name = 'readings'")).scalar_one()
+            value = conn.execute(sa.select(sa.column("readings", sa.JSON())).select_from(
+                sa.table("telemetry"))).scalar_one()
+        return kind, value
+
+    pg = bare_engine.dialect.name == "postgresql"
+    assert stored() == ("jsonb" if pg else "", readings)
+    db.migrate(bare_engine, revision="0407")
+    assert stored() == ("json" if pg else "", readings)
+    with bare_engine.begin() as conn:
+        command.downgrade(db.alembic_config(conn), "0406")
+    assert stored() == ("jsonb" if pg else "", readings)
+    db.migrate(bare_engine)

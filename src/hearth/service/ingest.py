@@ -55,10 +55,11 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, cast
 
+import pydantic_core
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -183,16 +184,16 @@ def _clean(text: str, limit: int) -> str:
     return "".join(c if c.isprintable() else "?" for c in text[:limit])
 
 
-def _make_dumps(*, sort_keys: bool) -> Callable[[object], str]:
-    """``json.dumps(obj, sort_keys=sort_keys, separators=(",", ":"), default=str)``, about
+def _make_canonical() -> Callable[[object], str]:
+    """``json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)``, about
     twice as fast: the C encoder ``JSONEncoder.encode`` builds on every call is built
     once here (without the circular-reference check: messages are flat). A test pins
     equality."""
     make = getattr(json.encoder, "c_make_encoder", None)
     if make is None:  # pragma: no cover - CPython always has the C encoder
-        return json.JSONEncoder(sort_keys=sort_keys, separators=(",", ":"), default=str).encode
+        return json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
     encode = make(None, str, json.encoder.encode_basestring_ascii, None, ":", ",",
-                  sort_keys, False, True)
+                  True, False, True)
 
     def dumps(obj: object) -> str:
         return "".join(encode(obj, 0))
@@ -200,10 +201,18 @@ def _make_dumps(*, sort_keys: bool) -> Callable[[object], str]:
     return dumps
 
 
-_canonical = _make_dumps(sort_keys=True)
+_canonical = _make_canonical()
 """The canonical JSON (sorted keys): what event and command-result digests hash."""
-_compact = _make_dumps(sort_keys=False)
-"""Stored telemetry readings: any key order will do (compared as values, not text)."""
+
+
+def _readings_json(readings: Mapping[str, object]) -> str:
+    """Stored telemetry readings (and a unit's latest-state delta): compact JSON in the
+    message's key order (compared as values, never as text). pydantic-core's encoder,
+    about three times as fast as ``json.dumps``: the values are ones the schema parsed
+    (finite floats, bools, strings), and their shortest round-trip form comes back equal
+    (a test pins it for every kind of value)."""
+    return pydantic_core.to_json(readings).decode()
+
 
 _sha256 = hashlib.sha256
 
@@ -328,7 +337,7 @@ if (_UNITS.name, _TELEMETRY.name, _EVENTS.name, _COUNTERS.name) != (
 _PG_INSERT_TELEMETRY = """\
 WITH v AS (
   SELECT * FROM unnest(%b::text[], %b::bigint[], %b::timestamptz[], %b::timestamptz[],
-                       %b::jsonb[])
+                       %b::json[])
     AS v(device_id, seq, ts, received_at, readings)
 ), ins AS (
   INSERT INTO telemetry (device_id, seq, ts, received_at, readings)
@@ -671,7 +680,7 @@ class IngestCore:
         entry.msg = msg
         entry.ts = _utc(msg.ts)
         if kind == "telemetry":
-            entry.readings_json = _compact(msg.readings)  # type: ignore[union-attr]
+            entry.readings_json = _readings_json(msg.readings)  # type: ignore[union-attr]
         else:
             entry.digest = _digest(msg)
         entry.reason = ACCEPTED
@@ -911,7 +920,7 @@ class IngestCore:
                     received_at, received_text = e.received_at, _sqlite_ts(e.received_at)
                 add((device_id, seq, _sqlite_ts(e.ts), received_text))
                 if telemetry:
-                    params.append(e.readings_json or _compact(msg.readings))  # type: ignore[union-attr]
+                    params.append(e.readings_json or _readings_json(msg.readings))  # type: ignore[union-attr]
                 else:
                     add((e.digest, msg.kind, msg.detail))  # type: ignore[union-attr]
             sql = _sqlite_insert_sql(table.name, len(chunk))
@@ -1016,10 +1025,9 @@ class IngestCore:
         if not changed:
             return
         ordered = sorted(changed.items())
-        dumps = _compact
         for _, u in ordered:
             if u.delta is not None and u.delta_json is None:
-                u.delta_json = dumps(u.delta)
+                u.delta_json = _readings_json(u.delta)
         if pg:
             conn.exec_driver_sql(_PG_UPDATE_UNITS, (
                 [d for d, _ in ordered],
