@@ -293,6 +293,37 @@ def test_stored_telemetry_is_compared_by_its_whole_content(
         {"temperature": 20.0, "humidity": 0.0, "heater": True, "target": 21.0}]
 
 
+def test_keys_at_or_below_the_latest_seq_are_checked_and_others_are_new(
+    core: IngestCore, sf: sessionmaker[Session], imported: Fleet
+) -> None:
+    """PostgreSQL inserts a unit's telemetry past its ``latest_seq`` without a conflict
+    check (it cannot be stored yet). Were ``latest_seq`` ever behind what is stored, that
+    insert is undone and checked key by key: a redelivery is still a duplicate, a replay
+    still a replay, and a new message in the same batch is still stored (both backends)."""
+    dev, other = imported.thermostats[:2]
+    for seq in (1, 2, 3):
+        core.handle(m.topic(dev), m.telemetry(dev, seq, {"temperature": 20.0 + seq}))
+    core.handle(m.topic(other), m.telemetry(other, 7))
+    core.flush()
+    with sf.begin() as s:  # behind the ingest's back: no Hearth code moves it down
+        s.execute(sa.text("UPDATE units SET latest_seq = NULL WHERE device_id = :d"),
+                  {"d": dev})
+    core.handle(m.topic(dev), m.telemetry(dev, 2, {"temperature": 22.0}))  # redelivery
+    core.handle(m.topic(dev), m.telemetry(dev, 3, {"temperature": 30.0}))  # replay
+    core.handle(m.topic(dev), m.telemetry(dev, 4, {"temperature": 24.0}))  # new
+    core.handle(m.topic(other), m.telemetry(other, 5))  # late, below its latest seq: new
+    core.handle(m.topic(other), m.telemetry(other, 8))  # new
+    core.flush()
+    assert [(r.seq, r.readings["temperature"]) for r in telemetry_rows(sf, dev)] == [
+        (1, 21.0), (2, 22.0), (3, 23.0), (4, 24.0)]
+    assert [r.seq for r in telemetry_rows(sf, other)] == [5, 7, 8]
+    assert counters(sf) == {(dev, ACCEPTED): 4, (dev, DUPLICATE): 1,
+                            (dev, Reason.REPLAYED_SEQUENCE): 1, (other, ACCEPTED): 3}
+    assert [q.reason for q in quarantine(sf)] == [Reason.REPLAYED_SEQUENCE]
+    assert (unit(sf, dev).latest_seq, unit(sf, other).latest_seq) == (4, 8)
+    assert unit(sf, dev).latest_state["temperature"] == 24.0
+
+
 def test_sequence_numbers_are_per_unit(core: IngestCore, sf: sessionmaker[Session],
                                        imported: Fleet) -> None:
     a, b = imported.thermostats[:2]

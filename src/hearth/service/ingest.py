@@ -346,6 +346,11 @@ WITH v AS (
   RETURNING device_id, seq
 )
 SELECT v.device_id, v.seq FROM v LEFT JOIN ins USING (device_id, seq) WHERE ins.seq IS NULL"""
+_PG_INSERT_NEW_TELEMETRY = """\
+INSERT INTO telemetry (device_id, seq, ts, received_at, readings)
+SELECT * FROM unnest(%b::text[], %b::bigint[], %b::timestamptz[], %b::timestamptz[],
+                     %b::json[])"""
+"""Rows past their unit's latest stored seq: a plain insert (see _insert_telemetry_pg)."""
 _PG_INSERT_EVENTS = """\
 WITH v AS (
   SELECT * FROM unnest(%b::text[], %b::bigint[], %b::timestamptz[], %b::timestamptz[],
@@ -523,6 +528,19 @@ def totals(session: Session) -> dict[str, int]:
     if accepted:
         out[ACCEPTED] = int(accepted)
     return dict(sorted(out.items()))
+
+
+def _series_params(kind: str, rows: Sequence[tuple[tuple[str, int], _Entry]]
+                   ) -> tuple[list[Any], ...]:
+    """The array parameters of a PostgreSQL telemetry or events insert."""
+    columns: tuple[list[Any], ...] = (
+        [k[0] for k, _ in rows], [k[1] for k, _ in rows],
+        [e.ts for _, e in rows], [e.received_at for _, e in rows])
+    if kind == "telemetry":
+        return (*columns, [e.readings_json for _, e in rows])
+    return (*columns, [e.digest for _, e in rows],
+            [e.msg.kind for _, e in rows],  # type: ignore[union-attr]
+            [e.msg.detail for _, e in rows])  # type: ignore[union-attr]
 
 
 class IngestCore:
@@ -808,8 +826,9 @@ class IngestCore:
                         e.refuse(Reason.REVOKED, "unit is revoked")
             for did, row in units.items():
                 self._units.put(did, _unit_info(row.model, row.status))
-            accepted_tel = self._store_series(conn, pg, entries, "telemetry", TelemetryRow)
-            self._store_series(conn, pg, entries, "event", EventRow)
+            accepted_tel = self._store_series(conn, pg, entries, "telemetry", TelemetryRow,
+                                              units)
+            self._store_series(conn, pg, entries, "event", EventRow, units)
             if any(e.kind == "cmd/result" for e in entries):
                 self._store_results(session, entries)
             self._update_units(conn, pg, units, entries, accepted_tel)
@@ -842,9 +861,10 @@ class IngestCore:
         entries: Sequence[_Entry],
         kind: str,
         model: type[TelemetryRow] | type[EventRow],
+        units: dict[str, _LockedUnit],
     ) -> list[_Entry]:
-        """Insert accepted telemetry or events idempotently; returns those newly stored,
-        in (device_id, seq) order."""
+        """Insert accepted telemetry or events idempotently (their units locked in
+        ``units``); returns those newly stored, in (device_id, seq) order."""
         first: dict[tuple[str, int], _Entry] = {}
         for e in entries:
             if e.kind != kind or e.reason != ACCEPTED or e.msg is None or e.device_id is None:
@@ -859,41 +879,66 @@ class IngestCore:
             return []
         table = model.__table__
         assert isinstance(table, sa.Table)
-        ordered = sorted(first.items())  # a fixed order: index locks taken in key order
-        if pg:
-            conflicted = self._insert_series_pg(conn, table, kind, ordered)
+        # each unit's rows in seq order (see _update_units); sorting the keys alone
+        # compares half as many tuples as sorting the items
+        ordered = [(key, first[key]) for key in sorted(first)]
+        if pg and kind == "telemetry":
+            conflicted = self._insert_telemetry_pg(conn, ordered, units)
+        elif pg:
+            conflicted = self._insert_series_pg(conn, _PG_INSERT_EVENTS, kind, ordered)
         else:
             inserted = self._insert_series_sqlite(conn, table, ordered)
-            conflicted = [k for k, _ in ordered if k not in inserted]
+            conflicted = {k for k, _ in ordered if k not in inserted}
         if not conflicted:
             return [e for _, e in ordered]
-        stored = self._stored_rows(conn, pg, table, conflicted)
+        stored = self._stored_rows(conn, pg, table, [k for k, _ in ordered if k in conflicted])
         for key in conflicted:
             _settle_reused_key(first[key], stored.get(key))
-        refused = set(conflicted)
-        return [e for k, e in ordered if k not in refused]
+        return [e for k, e in ordered if k not in conflicted]
+
+    @classmethod
+    def _insert_telemetry_pg(cls, conn: sa.Connection,
+                             ordered: Sequence[tuple[tuple[str, int], _Entry]],
+                             units: dict[str, _LockedUnit]) -> set[tuple[str, int]]:
+        """Insert telemetry; returns the keys that were already stored.
+
+        A row whose seq is past its unit's ``latest_seq`` (read under the unit's row lock,
+        which every telemetry write holds) cannot be stored yet: ``latest_seq`` only ever
+        moves up to the highest stored seq. Those rows go in with a plain insert, which
+        costs PostgreSQL about 1.3 µs less per row than ``ON CONFLICT``'s speculative
+        insertion (ADR 0004); the others (late, redelivered, replayed) go through
+        ``ON CONFLICT``. Correctness does not rest on that: if a plain insert does hit a
+        stored key, it is undone to its savepoint and its rows take the ``ON CONFLICT``
+        path too."""
+        new: list[tuple[tuple[str, int], _Entry]] = []
+        old: list[tuple[tuple[str, int], _Entry]] = []
+        for item in ordered:
+            device_id, seq = item[0]
+            latest = units[device_id].latest_seq
+            (new if latest is None or seq > latest else old).append(item)
+        conflicted = (cls._insert_series_pg(conn, _PG_INSERT_TELEMETRY, "telemetry", old)
+                      if old else set())
+        if new:
+            try:
+                with conn.begin_nested():
+                    conn.exec_driver_sql(_PG_INSERT_NEW_TELEMETRY,
+                                         _series_params("telemetry", new))
+            except sa.exc.IntegrityError as e:
+                if getattr(e.orig, "sqlstate", None) != "23505":  # unique_violation
+                    raise
+                log.warning("ingest: telemetry stored past a unit's latest seq; "
+                            "inserting the batch's new rows one key at a time")
+                conflicted |= cls._insert_series_pg(conn, _PG_INSERT_TELEMETRY, "telemetry",
+                                                    new)
+        return conflicted
 
     @staticmethod
-    def _insert_series_pg(conn: sa.Connection, table: sa.Table, kind: str,
+    def _insert_series_pg(conn: sa.Connection, sql: str, kind: str,
                           ordered: Sequence[tuple[tuple[str, int], _Entry]]
-                          ) -> list[tuple[str, int]]:
-        """Insert; returns the keys that were already stored (conflicts), in order."""
-        device_ids = [k[0] for k, _ in ordered]
-        seqs = [k[1] for k, _ in ordered]
-        tss = [e.ts for _, e in ordered]
-        received = [e.received_at for _, e in ordered]
-        if kind == "telemetry":
-            extra = [[e.readings_json for _, e in ordered]]
-            sql = _PG_INSERT_TELEMETRY
-        else:
-            extra = [[e.digest for _, e in ordered],
-                     [e.msg.kind for _, e in ordered],  # type: ignore[union-attr]
-                     [e.msg.detail for _, e in ordered]]  # type: ignore[union-attr]
-            sql = _PG_INSERT_EVENTS
-        assert table.name in sql
-        result = conn.exec_driver_sql(sql, (device_ids, seqs, tss, received, *extra))
-        conflicted = {(r[0], r[1]) for r in result.all()}
-        return [k for k, _ in ordered if k in conflicted]
+                          ) -> set[tuple[str, int]]:
+        """Insert with ``ON CONFLICT DO NOTHING``; returns the keys already stored."""
+        result = conn.exec_driver_sql(sql, _series_params(kind, ordered))
+        return {(r[0], r[1]) for r in result.all()}
 
     @staticmethod
     def _insert_series_sqlite(conn: sa.Connection, table: sa.Table,
