@@ -635,20 +635,17 @@ class IngestCore:
         if isinstance(payload, bytearray | memoryview):
             payload = bytes(payload)
         raw = payload if isinstance(payload, bytes) else b""
-        entry = _Entry(
-            _clean(topic_text, TOPIC_MAX),
-            received_at,
-            ack,
-            len(raw),
-            raw[: self._excerpt_bytes],
-        )
-        if not isinstance(payload, bytes):
-            entry.refuse(Reason.MALFORMED_JSON, "payload is not bytes")
-            return entry
         try:
             device_id, kind = protocol.parse_topic(topic_text)
         except ValidationError as e:
+            entry = _Entry(_clean(topic_text, TOPIC_MAX), received_at, ack, len(raw),
+                           raw[: self._excerpt_bytes])
             entry.refuse(e.reason, e.detail)
+            return entry
+        # a device topic is short printable ASCII: nothing to clean
+        entry = _Entry(topic_text, received_at, ack, len(raw), raw[: self._excerpt_bytes])
+        if not isinstance(payload, bytes):
+            entry.refuse(Reason.MALFORMED_JSON, "payload is not bytes")
             return entry
         entry.device_id = device_id
         try:
