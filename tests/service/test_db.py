@@ -310,3 +310,39 @@ def test_telemetry_readings_keep_their_values_across_the_json_change(
         command.downgrade(db.alembic_config(conn), "0406")
     assert stored() == ("jsonb" if pg else "", readings)
     db.migrate(bare_engine)
+
+
+def test_telemetry_device_ids_compare_in_byte_order_after_0408(bare_engine: Engine) -> None:
+    """Migration 0408 gives telemetry.device_id byte order (``COLLATE "C"``) on
+    PostgreSQL, where autogenerate does not compare collations; rows and their order
+    survive both directions. SQLite compares bytes already: nothing changes there."""
+    db.migrate(bare_engine, revision="0407")
+    pg = bare_engine.dialect.name == "postgresql"
+    now = dt.datetime(2026, 11, 26, 10, 0, tzinfo=dt.UTC)
+    ids = ["0f" * 16, "a0" * 16, "9f" * 16]
+    with bare_engine.begin() as conn:
+        for i, d in enumerate(ids):
+            _insert_unit(conn, d, now)
+            conn.execute(sa.text(
+                "INSERT INTO telemetry (device_id, seq, ts, received_at, readings) "
+                "VALUES (:d, :s, :t, :t, '{}')"), {"d": d, "s": i, "t": now})
+
+    def state() -> tuple[str | None, list[str]]:
+        with bare_engine.connect() as conn:
+            collation = None
+            if pg:
+                collation = conn.execute(sa.text(
+                    "SELECT collation_name FROM information_schema.columns "
+                    "WHERE table_name = 'telemetry' AND column_name = 'device_id'")
+                ).scalar_one()
+            rows = conn.execute(sa.text(
+                "SELECT device_id FROM telemetry ORDER BY device_id")).scalars().all()
+        return collation, list(rows)
+
+    assert state() == (None, sorted(ids))
+    db.migrate(bare_engine, revision="0408")
+    assert state() == ("C" if pg else None, sorted(ids))
+    with bare_engine.begin() as conn:
+        command.downgrade(db.alembic_config(conn), "0407")
+    assert state() == (None, sorted(ids))
+    db.migrate(bare_engine)

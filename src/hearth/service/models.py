@@ -120,10 +120,14 @@ class TelemetryRow(Base):
 
     __tablename__ = "telemetry"
 
-    device_id: Mapped[str] = mapped_column(sa.String(DEVICE_ID_LEN), primary_key=True)
+    device_id: Mapped[str] = mapped_column(
+        sa.String(DEVICE_ID_LEN).with_variant(
+            sa.String(DEVICE_ID_LEN, collation="C"), "postgresql"), primary_key=True)
     """A registered unit's id. Not a foreign key (revision 0405): the ingest, the only
     writer, stores telemetry only for units it has locked and found active in the same
-    transaction, and units are never deleted."""
+    transaction, and units are never deleted. Byte order (``COLLATE "C"``) on PostgreSQL
+    (revision 0408): both indexes of the largest table compare it, and a device id is
+    lowercase hex, whose byte order is its natural order."""
     seq: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True, autoincrement=False)
     ts: Mapped[dt.datetime]
     received_at: Mapped[dt.datetime]
