@@ -54,6 +54,7 @@ import gc
 import hashlib
 import json
 import logging
+import operator
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -438,6 +439,9 @@ _SQLITE_UPDATE_STATE = (
     "WHERE device_id = ?")
 
 
+_reason_of = operator.attrgetter("reason")
+
+
 class _UnitCache:
     """device id -> (model, active), refreshed on a miss, entries expire after a TTL."""
 
@@ -754,13 +758,15 @@ class IngestCore:
         return [e.ack for e in batch]
 
     def _commit_done(self, entries: Sequence[_Entry], outcomes: Sequence[_Entry]) -> None:
-        done = {id(e) for e in entries}
-        self._batch = [e for e in self._batch if id(e) not in done]
-        if self._batch:
-            self._first_pending_at = self._clock()
+        if entries is self._batch:
+            self._batch = []
+        else:
+            done = {id(e) for e in entries}
+            self._batch = [e for e in self._batch if id(e) not in done]
+            if self._batch:
+                self._first_pending_at = self._clock()
         self._stats.flushes += 1
-        for e in outcomes:
-            self._stats.outcomes[e.reason] += 1
+        self._stats.outcomes.update(map(_reason_of, outcomes))
 
     def _flush_one_by_one(self) -> list[object]:
         acks: list[object] = []
@@ -803,6 +809,7 @@ class IngestCore:
             if pg:  # every statement of this transaction (SET LOCAL): see write_timeout
                 conn.exec_driver_sql(self._pg_timeout_sql)
             units = self._lock_units(conn, pg, entries)
+            accepted: dict[str, list[_Entry]] = {"telemetry": [], "event": [], "cmd/result": []}
             for e in entries:
                 if e.deferred and e.raw is not None:
                     row = units.get(e.device_id) if e.device_id else None
@@ -821,16 +828,21 @@ class IngestCore:
                         e.refuse(Reason.UNKNOWN_DEVICE, "no registered unit has this device id")
                     elif row.status != UnitStatus.ACTIVE:
                         e.refuse(Reason.REVOKED, "unit is revoked")
+                if e.reason == ACCEPTED and e.msg is not None and e.device_id is not None:
+                    accepted[e.kind].append(e)
             for did, row in units.items():
                 self._units.put(did, _unit_info(row.model, row.status))
-            accepted_tel = self._store_series(conn, pg, entries, "telemetry", TelemetryRow,
-                                              units)
-            self._store_series(conn, pg, entries, "event", EventRow, units)
-            if any(e.kind == "cmd/result" for e in entries):
-                self._store_results(session, entries)
-            self._update_units(conn, pg, units, entries, accepted_tel)
-            self._store_quarantine(conn, entries)
-            self._count(conn, pg, entries)
+            stored_tel = self._store_series(conn, pg, accepted["telemetry"], TelemetryRow,
+                                            units)
+            if accepted["event"]:
+                self._store_series(conn, pg, accepted["event"], EventRow, units)
+            if accepted["cmd/result"]:
+                self._store_results(session, accepted["cmd/result"])
+            self._update_units(conn, pg, units, entries, stored_tel)
+            others = [e for e in entries if e.reason != ACCEPTED]  # usually none
+            if others:
+                self._store_quarantine(conn, others)
+                self._count(conn, pg, others)
         return entries
 
     @staticmethod
@@ -855,18 +867,16 @@ class IngestCore:
         self,
         conn: sa.Connection,
         pg: bool,
-        entries: Sequence[_Entry],
-        kind: str,
+        accepted: Sequence[_Entry],
         model: type[TelemetryRow] | type[EventRow],
         units: dict[str, _LockedUnit],
     ) -> list[_Entry]:
-        """Insert accepted telemetry or events idempotently (their units locked in
-        ``units``); returns those newly stored, in (device_id, seq) order."""
+        """Insert accepted telemetry or events (``accepted``: of one kind, with a message
+        and a unit locked in ``units``) idempotently; returns those newly stored, in
+        (device_id, seq) order."""
         first: dict[tuple[str, int], _Entry] = {}
-        for e in entries:
-            if e.kind != kind or e.reason != ACCEPTED or e.msg is None or e.device_id is None:
-                continue
-            key = (e.device_id, e.msg.seq)
+        for e in accepted:
+            key = (cast(str, e.device_id), e.msg.seq)  # type: ignore[union-attr]
             seen = first.get(key)
             if seen is None:
                 first[key] = e
@@ -879,10 +889,10 @@ class IngestCore:
         # each unit's rows in seq order (see _update_units); sorting the keys alone
         # compares half as many tuples as sorting the items
         ordered = [(key, first[key]) for key in sorted(first)]
-        if pg and kind == "telemetry":
+        if pg and table.name == "telemetry":
             conflicted = self._insert_telemetry_pg(conn, ordered, units)
         elif pg:
-            conflicted = self._insert_series_pg(conn, _PG_INSERT_EVENTS, kind, ordered)
+            conflicted = self._insert_series_pg(conn, _PG_INSERT_EVENTS, "event", ordered)
         else:
             inserted = self._insert_series_sqlite(conn, table, ordered)
             conflicted = {k for k, _ in ordered if k not in inserted}
@@ -992,9 +1002,8 @@ class IngestCore:
         return stored
 
     @staticmethod
-    def _store_results(session: Session, entries: Sequence[_Entry]) -> None:
-        results = [e for e in entries
-                   if e.kind == "cmd/result" and e.reason == ACCEPTED and e.msg is not None]
+    def _store_results(session: Session, accepted: Sequence[_Entry]) -> None:
+        results = list(accepted)
         results.sort(key=lambda e: e.msg.command_id)  # type: ignore[union-attr]  # lock order
         for e in results:
             msg = e.msg
