@@ -24,6 +24,7 @@ from hearth.protocol import (
     parse_event,
     parse_telemetry,
     parse_topic,
+    parse_uplink,
 )
 
 DEV = new_device_id()
@@ -48,6 +49,29 @@ def raw(obj: Any) -> bytes:
 def test_valid_telemetry_is_accepted() -> None:
     msg = parse_telemetry(raw(telemetry()), topic_device_id=DEV, model=THERMOSTAT)
     assert msg.seq == 7 and msg.readings["temperature"] == 21.5
+
+
+def test_uplink_parser_checks_as_the_per_kind_parsers_and_gives_the_time_in_utc() -> None:
+    """The ingest's entry point: the same message and refusals as parse_telemetry and
+    parse_event, the timestamp in UTC (dt.UTC), and no parsing for a topic units do not
+    publish on."""
+    east = NOW.astimezone(dt.timezone(dt.timedelta(hours=5, minutes=30)))
+    payload = raw(telemetry(ts=east.isoformat()))
+    msg, ts = parse_uplink("telemetry", payload, topic_device_id=DEV, model=THERMOSTAT)
+    assert msg == parse_telemetry(payload, topic_device_id=DEV, model=THERMOSTAT)
+    assert ts == NOW and ts.tzinfo is dt.UTC
+    event = raw({"v": 1, "device_id": DEV, "seq": 1, "ts": east.isoformat(), "kind": "boot"})
+    msg, ts = parse_uplink("event", event, topic_device_id=DEV, model=THERMOSTAT)
+    assert msg == parse_event(event, topic_device_id=DEV) and ts.tzinfo is dt.UTC
+    for kind, body, reason in [
+        ("telemetry", raw(telemetry(readings={"temperature": 99.0})), Reason.OUT_OF_RANGE),
+        ("telemetry", raw(telemetry(device_id=new_device_id())), Reason.DEVICE_MISMATCH),
+        ("cmd", payload, Reason.UNKNOWN_TOPIC),
+        ("update/check", b"not even json", Reason.UNKNOWN_TOPIC),
+    ]:
+        with pytest.raises(ValidationError) as e:
+            parse_uplink(kind, body, topic_device_id=DEV, model=THERMOSTAT)
+        assert e.value.reason == reason
 
 
 @pytest.mark.parametrize(

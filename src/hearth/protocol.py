@@ -27,7 +27,7 @@ import enum
 import math
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -360,7 +360,8 @@ def _decode(cls: type[_M], raw: bytes) -> _M:
         raise ValidationError(Reason.INVALID_SCHEMA, f"{loc}: {first['msg']}") from None
 
 
-def _check_ts(ts: dt.datetime, now: dt.datetime | None) -> None:
+def _check_ts(ts: dt.datetime, now: dt.datetime | None) -> dt.datetime:
+    """Refuse a timestamp without an offset or out of range; return it in UTC."""
     if ts.tzinfo is None:
         raise ValidationError(Reason.INVALID_SCHEMA, "timestamps must carry a UTC offset")
     now = now or dt.datetime.now(dt.UTC)
@@ -370,6 +371,7 @@ def _check_ts(ts: dt.datetime, now: dt.datetime | None) -> None:
         ts = ts.astimezone(dt.UTC)
     if ts < EARLIEST_TIMESTAMP or ts > now + MAX_FUTURE_SKEW:
         raise ValidationError(Reason.TIMESTAMP_OUT_OF_RANGE, "timestamp is implausible")
+    return ts
 
 
 def _check_device(device_id: str, topic_device_id: str) -> None:
@@ -377,31 +379,66 @@ def _check_device(device_id: str, topic_device_id: str) -> None:
         raise ValidationError(Reason.DEVICE_MISMATCH, "device_id does not match the topic")
 
 
+Uplink = Telemetry | Event | CommandResult
+"""What a unit publishes for the service: on ``telemetry``, ``event`` and ``cmd/result``."""
+
+
+def _telemetry(raw: bytes, topic_device_id: str, model: ModelSpec,
+               now: dt.datetime | None) -> tuple[Telemetry, dt.datetime]:
+    msg = _decode(Telemetry, raw)
+    _check_device(msg.device_id, topic_device_id)
+    ts = _check_ts(msg.ts, now)
+    validate_values(msg.readings, model.readings)
+    return msg, ts
+
+
+def _event(raw: bytes, topic_device_id: str, _model: ModelSpec | None,
+           now: dt.datetime | None) -> tuple[Event, dt.datetime]:
+    msg = _decode(Event, raw)
+    _check_device(msg.device_id, topic_device_id)
+    return msg, _check_ts(msg.ts, now)
+
+
+def _command_result(raw: bytes, topic_device_id: str, model: ModelSpec,
+                    now: dt.datetime | None) -> tuple[CommandResult, dt.datetime]:
+    msg = _decode(CommandResult, raw)
+    _check_device(msg.device_id, topic_device_id)
+    ts = _check_ts(msg.ts, now)
+    validate_values(msg.state, model.readings)
+    return msg, ts
+
+
+_UPLINK_PARSERS: Mapping[str, Callable[
+    [bytes, str, ModelSpec, dt.datetime | None], tuple[Uplink, dt.datetime]]] = {
+    "telemetry": _telemetry, "event": _event, "cmd/result": _command_result}
+
+
+def parse_uplink(kind: str, raw: bytes, *, topic_device_id: str, model: ModelSpec,
+                 now: dt.datetime | None = None) -> tuple[Uplink, dt.datetime]:
+    """A message a unit published on its ``kind`` topic, checked as
+    :func:`parse_telemetry`, :func:`parse_event` or :func:`parse_command_result` check
+    it, with its ``ts`` in UTC (what the ingest stores). Any other kind is refused as
+    ``unknown_topic``: units do not publish there."""
+    parse = _UPLINK_PARSERS.get(kind)
+    if parse is None:
+        raise ValidationError(Reason.UNKNOWN_TOPIC, "units do not publish on this topic")
+    return parse(raw, topic_device_id, model, now)
+
+
 def parse_telemetry(
     raw: bytes, *, topic_device_id: str, model: ModelSpec, now: dt.datetime | None = None
 ) -> Telemetry:
-    msg = _decode(Telemetry, raw)
-    _check_device(msg.device_id, topic_device_id)
-    _check_ts(msg.ts, now)
-    validate_values(msg.readings, model.readings)
-    return msg
+    return _telemetry(raw, topic_device_id, model, now)[0]
 
 
 def parse_event(raw: bytes, *, topic_device_id: str, now: dt.datetime | None = None) -> Event:
-    msg = _decode(Event, raw)
-    _check_device(msg.device_id, topic_device_id)
-    _check_ts(msg.ts, now)
-    return msg
+    return _event(raw, topic_device_id, None, now)[0]
 
 
 def parse_command_result(
     raw: bytes, *, topic_device_id: str, model: ModelSpec, now: dt.datetime | None = None
 ) -> CommandResult:
-    msg = _decode(CommandResult, raw)
-    _check_device(msg.device_id, topic_device_id)
-    _check_ts(msg.ts, now)
-    validate_values(msg.state, model.readings)
-    return msg
+    return _command_result(raw, topic_device_id, model, now)[0]
 
 
 def parse_command(

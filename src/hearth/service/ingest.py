@@ -675,33 +675,21 @@ class IngestCore:
         if not unit.active:
             entry.refuse(Reason.REVOKED, "unit is revoked")
             return
-        now = entry.received_at
-        msg: protocol.Telemetry | protocol.Event | protocol.CommandResult
         try:
-            if kind == "telemetry":
-                msg = protocol.parse_telemetry(raw, topic_device_id=device_id,
-                                               model=unit.model, now=now)
-            elif kind == "event":
-                msg = protocol.parse_event(raw, topic_device_id=device_id, now=now)
-            elif kind == "cmd/result":
-                msg = protocol.parse_command_result(raw, topic_device_id=device_id,
-                                                    model=unit.model, now=now)
-            else:
-                entry.refuse(Reason.UNKNOWN_TOPIC, "units do not publish on this topic")
-                return
+            msg, entry.ts = protocol.parse_uplink(kind, raw, topic_device_id=device_id,
+                                                  model=unit.model, now=entry.received_at)
         except ValidationError as e:
             entry.refuse(e.reason, e.detail)
             return
-        if kind != "telemetry" and _has_nul(msg):  # type: ignore[arg-type]
+        if isinstance(msg, protocol.Telemetry):
+            entry.readings_json = _readings_json(msg.readings)
+        elif _has_nul(msg):
             entry.refuse(Reason.INVALID_SCHEMA, "text must not contain NUL characters")
             return
-        entry.kind = cast(_Kind, kind)
-        entry.msg = msg
-        entry.ts = _utc(msg.ts)
-        if kind == "telemetry":
-            entry.readings_json = _readings_json(msg.readings)  # type: ignore[union-attr]
         else:
             entry.digest = _digest(msg)
+        entry.kind = cast(_Kind, kind)
+        entry.msg = msg
         entry.reason = ACCEPTED
 
     # -- batching -------------------------------------------------------------------------
