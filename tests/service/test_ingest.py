@@ -351,6 +351,29 @@ def test_latest_state_merges_in_sequence_order(core: IngestCore, sf: sessionmake
     assert unit(sf, dev).latest_state["temperature"] == 22.0
 
 
+def test_a_message_with_every_reading_replaces_the_state_a_partial_one_merges(
+    core: IngestCore, sf: sessionmaker[Session], imported: Fleet
+) -> None:
+    """The latest state is merged with a message that reports some readings, and replaced
+    by one that reports all of its model's (the stored state can hold nothing else: a key
+    seeded behind the ingest's back goes). Both backends agree."""
+    dev = imported.thermostats[0]
+    full = {"temperature": 21.0, "humidity": 40.0, "heater": False, "target": 20.0}
+    with sf.begin() as s:
+        s.execute(sa.update(Unit).where(Unit.device_id == dev).values(
+            latest_state={"legacy": 1.0, "temperature": 5.0}))
+    core.handle(m.topic(dev), m.telemetry(dev, 1, {"temperature": 19.5}))
+    core.flush()
+    assert unit(sf, dev).latest_state == {"legacy": 1.0, "temperature": 19.5}
+    core.handle(m.topic(dev), m.telemetry(dev, 2, {"heater": True}))
+    core.handle(m.topic(dev), m.telemetry(dev, 3, full))
+    core.flush()
+    assert unit(sf, dev).latest_state == full
+    core.handle(m.topic(dev), m.telemetry(dev, 4, {"target": 22.0}))
+    core.flush()
+    assert unit(sf, dev).latest_state == {**full, "target": 22.0}
+
+
 def test_events_are_stored_and_deduplicated(core: IngestCore, sf: sessionmaker[Session],
                                             imported: Fleet) -> None:
     dev = imported.locks[0]

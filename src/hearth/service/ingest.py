@@ -385,10 +385,11 @@ UPDATE units AS u SET
   latest_seq = CASE WHEN v.state IS NULL THEN u.latest_seq ELSE v.seq END,
   latest_ts = CASE WHEN v.state IS NULL THEN u.latest_ts ELSE v.ts END,
   latest_state = CASE WHEN v.state IS NULL THEN u.latest_state
+                      WHEN v.whole THEN v.state
                       ELSE COALESCE(u.latest_state, '{}'::jsonb) || v.state END
 FROM unnest(%b::text[], %b::timestamptz[], %b::bigint[], %b::timestamptz[], %b::jsonb[],
-            %b::bigint[])
-  AS v(device_id, seen, seq, ts, state, accepted)
+            %b::bigint[], %b::boolean[])
+  AS v(device_id, seen, seq, ts, state, accepted, whole)
 WHERE u.device_id = v.device_id"""
 _PG_UPSERT_COUNTERS = """\
 INSERT INTO ingest_counters (device_id, reason, "count")
@@ -435,8 +436,11 @@ _SQLITE_UPDATE_SEEN = (
     "WHERE device_id = ?")
 _SQLITE_UPDATE_STATE = (
     "UPDATE units SET last_seen_at = ?, accepted_count = accepted_count + ?, latest_seq = ?, "
-    "latest_ts = ?, latest_state = json_patch(coalesce(latest_state, '{}'), ?) "
-    "WHERE device_id = ?")
+    "latest_ts = ?, latest_state = CASE WHEN ? THEN json(?) "
+    "ELSE json_patch(coalesce(latest_state, '{}'), ?) END WHERE device_id = ?")
+_READING_NAMES = {name: frozenset(spec.readings) for name, spec in protocol.MODELS.items()}
+"""A model's readings: a delta that has them all replaces a unit's state (see
+_update_units)."""
 
 
 _reason_of = operator.attrgetter("reason")
@@ -1064,9 +1068,15 @@ class IngestCore:
         if not changed:
             return
         ordered = sorted(changed.items())
+        # A delta with every reading of the unit's model replaces the stored state (which
+        # holds nothing else); the database merges only a partial one (a jsonb merge
+        # costs PostgreSQL about 1 µs a unit).
+        whole: list[bool] = []
         for _, u in ordered:
             if u.delta is not None and u.delta_json is None:
                 u.delta_json = _readings_json(u.delta)
+            names = _READING_NAMES.get(u.model)
+            whole.append(u.delta is not None and names is not None and u.delta.keys() >= names)
         if pg:
             conn.exec_driver_sql(_PG_UPDATE_UNITS, (
                 [d for d, _ in ordered],
@@ -1075,12 +1085,14 @@ class IngestCore:
                 [u.latest_ts for _, u in ordered],
                 [u.delta_json for _, u in ordered],
                 [u.accepted for _, u in ordered],
+                whole,
             ))
             return
         seen = [(_sqlite_ts(u.last_seen_at), u.accepted, d) for d, u in ordered
                 if u.delta is None]
         state = [(_sqlite_ts(u.last_seen_at), u.accepted, u.latest_seq, _sqlite_ts(u.latest_ts),
-                  u.delta_json, d) for d, u in ordered if u.delta is not None]
+                  w, u.delta_json, u.delta_json, d)
+                 for (d, u), w in zip(ordered, whole, strict=True) if u.delta is not None]
         if seen:
             conn.exec_driver_sql(_SQLITE_UPDATE_SEEN, seen)
         if state:
