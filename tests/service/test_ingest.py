@@ -614,6 +614,41 @@ def test_a_write_stuck_on_a_lock_is_cancelled_kept_and_retried(
     assert counters(sf) == {(dev, ACCEPTED): 1}
 
 
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id == "postgresql"],
+                         indirect=True)
+def test_a_batch_in_flight_does_not_hold_up_rows_that_reference_its_units(
+    sf: sessionmaker[Session], imported: Fleet
+) -> None:
+    """The write transaction locks its units against a concurrent revocation, not
+    against rows that merely reference them: while it holds the locks, a command for one
+    of its units (a foreign-key check on the unit) is inserted without waiting."""
+    dev = imported.thermostats[0]
+    core = IngestCore(sf, batch_size=10)
+    core.handle(m.topic(dev), m.telemetry(dev, 1), ack=1)
+    engine = sf.kw["bind"]
+    inserted: list[str] = []
+
+    def meanwhile(_conn: Any, _cursor: Any, statement: str, *_a: Any) -> None:
+        if "FROM units" not in statement or " FOR " not in statement or inserted:
+            return
+        now = dt.datetime.now(dt.UTC)
+        with engine.begin() as other:  # another transaction, while the batch's is open
+            other.exec_driver_sql("SET LOCAL lock_timeout = '2s'")
+            other.execute(sa.insert(CommandRow).values(
+                command_id="c" * 32, device_id=dev, name="set_target",
+                params={"target": 21.0}, issued_at=now,
+                expires_at=now + dt.timedelta(minutes=5), status="pending"))
+        inserted.append(statement)
+
+    sa_event.listen(engine, "after_cursor_execute", meanwhile)
+    try:
+        assert core.flush() == [1]
+    finally:
+        sa_event.remove(engine, "after_cursor_execute", meanwhile)
+    assert len(inserted) == 1
+    assert [r.seq for r in telemetry_rows(sf, dev)] == [1]
+
+
 def test_write_timeout_is_validated(sf: sessionmaker[Session]) -> None:
     for bad in (0, -1, 3601):
         with pytest.raises(ValueError, match="write_timeout"):

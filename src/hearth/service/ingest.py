@@ -364,9 +364,12 @@ WITH v AS (
   RETURNING device_id, seq
 )
 SELECT v.device_id, v.seq FROM v LEFT JOIN ins USING (device_id, seq) WHERE ins.seq IS NULL"""
+# NO KEY UPDATE: the lock a revocation's UPDATE of the unit row needs too, so the two are
+# serialised; a plain FOR UPDATE would also hold up every row inserted meanwhile that
+# references the unit (a command from the API: its foreign-key check), for no reason.
 _PG_LOCK_UNITS = """\
 SELECT device_id, model, status, last_seen_at, latest_seq FROM units
-WHERE device_id = ANY(%b::text[]) ORDER BY device_id FOR UPDATE"""
+WHERE device_id = ANY(%b::text[]) ORDER BY device_id FOR NO KEY UPDATE"""
 # (both return the keys that were *not* inserted: usually none, so nothing to fetch)
 _PG_SELECT_STORED = {
     "telemetry": """\
