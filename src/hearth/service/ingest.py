@@ -928,8 +928,8 @@ class IngestCore:
             except sa.exc.IntegrityError as e:
                 if getattr(e.orig, "sqlstate", None) != "23505":  # unique_violation
                     raise
-                log.warning("ingest: telemetry stored past a unit's latest seq; "
-                            "inserting the batch's new rows one key at a time")
+                log.warning("ingest: telemetry is stored past a unit's latest seq; "
+                            "the batch's new rows go through the conflict check")
                 conflicted |= cls._insert_series_pg(conn, _PG_INSERT_TELEMETRY, "telemetry",
                                                     new)
         return conflicted
