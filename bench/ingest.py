@@ -946,7 +946,7 @@ def report(rounds: list[list[PhaseResult]], a: argparse.Namespace) -> int:
         spread = ", ".join(f"{v:.2f}" for v in values)
         other = f"; against the other bare phase: {', '.join(others[kind])}" \
             if others[kind] else ""
-        print(f"     {kind}: stored / bare = {median:.2f}  (rounds: {spread}; target >= "
+        print(f"     {kind}: stored / bare = {median:.3f}  (rounds: {spread}; target >= "
               f"{TARGET_RATIO}: {'MET' if hit else 'NOT MET'}{other})")
     if "ingest -> PostgreSQL" in rates:
         pg_rate = statistics.median(rates["ingest -> PostgreSQL"])
