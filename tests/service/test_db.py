@@ -276,6 +276,18 @@ def test_accepted_counts_move_onto_the_units_and_back(bare_engine: Engine) -> No
     db.migrate(bare_engine)
 
 
+def _pg_telemetry_column(conn: sa.Connection, column: str, fact: str) -> str | None:
+    """``information_schema.columns.<fact>`` of a telemetry column on PostgreSQL; None
+    on SQLite (which has no such facts to migrate)."""
+    if conn.dialect.name != "postgresql":
+        return None
+    assert fact in ("data_type", "collation_name")
+    value: str | None = conn.execute(sa.text(
+        f"SELECT {fact} FROM information_schema.columns "  # noqa: S608 - fixed names
+        "WHERE table_name = 'telemetry' AND column_name = :c"), {"c": column}).scalar_one()
+    return value
+
+
 def test_telemetry_readings_keep_their_values_across_the_json_change(
         bare_engine: Engine) -> None:
     """Migration 0407 stores telemetry readings as ``json`` on PostgreSQL (``jsonb``
@@ -293,11 +305,7 @@ def test_telemetry_readings_keep_their_values_across_the_json_change(
 
     def stored() -> tuple[str, object]:
         with bare_engine.connect() as conn:
-            kind = ""
-            if bare_engine.dialect.name == "postgresql":
-                kind = conn.execute(sa.text(
-                    "SELECT data_type FROM information_schema.columns "
-                    "WHERE table_name = 'telemetry' AND column_name = 'readings'")).scalar_one()
+            kind = _pg_telemetry_column(conn, "readings", "data_type") or ""
             value = conn.execute(sa.select(sa.column("readings", sa.JSON())).select_from(
                 sa.table("telemetry"))).scalar_one()
         return kind, value
@@ -329,12 +337,7 @@ def test_telemetry_device_ids_compare_in_byte_order_after_0408(bare_engine: Engi
 
     def state() -> tuple[str | None, list[str]]:
         with bare_engine.connect() as conn:
-            collation = None
-            if pg:
-                collation = conn.execute(sa.text(
-                    "SELECT collation_name FROM information_schema.columns "
-                    "WHERE table_name = 'telemetry' AND column_name = 'device_id'")
-                ).scalar_one()
+            collation = _pg_telemetry_column(conn, "device_id", "collation_name")
             rows = conn.execute(sa.text(
                 "SELECT device_id FROM telemetry ORDER BY device_id")).scalars().all()
         return collation, list(rows)

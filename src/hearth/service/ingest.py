@@ -164,7 +164,7 @@ class _Entry:
     raw: bytes | None = None  # kept only while the entry still has to be classified
     deferred: bool = False
     ts: dt.datetime | None = None  # msg.ts in UTC
-    readings_json: str = ""  # telemetry: compact JSON of the readings
+    readings_json: str = ""  # accepted telemetry: its readings' JSON (set by _classify)
 
     def refuse(self, reason: str, detail: str) -> None:
         self.reason, self.detail = reason, detail
@@ -967,7 +967,7 @@ class IngestCore:
                     received_at, received_text = e.received_at, _sqlite_ts(e.received_at)
                 add((device_id, seq, _sqlite_ts(e.ts), received_text))
                 if telemetry:
-                    params.append(e.readings_json or _readings_json(msg.readings))  # type: ignore[union-attr]
+                    params.append(e.readings_json)
                 else:
                     add((e.digest, msg.kind, msg.detail))  # type: ignore[union-attr]
             sql = _sqlite_insert_sql(table.name, len(chunk))
@@ -1062,7 +1062,7 @@ class IngestCore:
             if unit.delta is None or unit.delta.keys() <= msg.readings.keys():
                 # the usual case: a message reports every reading the earlier ones did,
                 # so it replaces them, and its readings JSON is the delta's
-                unit.delta, unit.delta_json = msg.readings, e.readings_json or None
+                unit.delta, unit.delta_json = msg.readings, e.readings_json
             else:
                 unit.delta, unit.delta_json = {**unit.delta, **msg.readings}, None
             unit.latest_seq = msg.seq
