@@ -98,6 +98,20 @@ def bare_engine(backend: str, tmp_path: Path) -> Iterator[Engine]:
         admin.dispose()
 
 
+def refuse_telemetry_seq(engine: Engine, seq: int) -> None:
+    """Make the database itself refuse any telemetry row with ``seq`` (a constraint
+    violation, whatever statement inserts it: INSERT or COPY), as a poison message would
+    be refused: a data error, not an outage."""
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text(f"ALTER TABLE telemetry ADD CONSTRAINT test_poison "
+                                 f"CHECK (seq <> {int(seq)}) NOT VALID"))
+        else:
+            conn.execute(sa.text(f"CREATE TRIGGER test_poison BEFORE INSERT ON telemetry "
+                                 f"WHEN NEW.seq = {int(seq)} "
+                                 "BEGIN SELECT RAISE(ABORT, 'poison'); END"))
+
+
 @pytest.fixture
 def engine(bare_engine: Engine) -> Engine:
     db.migrate(bare_engine)

@@ -37,7 +37,7 @@ from hearth.service.models import (
     Unit,
 )
 from tests.service import messages as m
-from tests.service.conftest import BACKENDS, Fleet
+from tests.service.conftest import BACKENDS, Fleet, refuse_telemetry_seq
 
 
 @pytest.fixture
@@ -294,12 +294,14 @@ def test_stored_telemetry_is_compared_by_its_whole_content(
 
 
 def test_keys_at_or_below_the_latest_seq_are_checked_and_others_are_new(
-    core: IngestCore, sf: sessionmaker[Session], imported: Fleet
+    core: IngestCore, sf: sessionmaker[Session], imported: Fleet, backend: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """PostgreSQL inserts a unit's telemetry past its ``latest_seq`` without a conflict
-    check (it cannot be stored yet). Were ``latest_seq`` ever behind what is stored, that
-    insert is undone and checked key by key: a redelivery is still a duplicate, a replay
-    still a replay, and a new message in the same batch is still stored (both backends)."""
+    """PostgreSQL copies a unit's telemetry past its ``latest_seq`` in without a conflict
+    check (it cannot be stored yet). Were ``latest_seq`` ever behind what is stored, the
+    batch is written again with every key checked: a redelivery is still a duplicate, a
+    replay still a replay, and a new message in the same batch is still stored (both
+    backends; SQLite always checks)."""
     dev, other = imported.thermostats[:2]
     for seq in (1, 2, 3):
         core.handle(m.topic(dev), m.telemetry(dev, seq, {"temperature": 20.0 + seq}))
@@ -313,7 +315,9 @@ def test_keys_at_or_below_the_latest_seq_are_checked_and_others_are_new(
     core.handle(m.topic(dev), m.telemetry(dev, 4, {"temperature": 24.0}))  # new
     core.handle(m.topic(other), m.telemetry(other, 5))  # late, below its latest seq: new
     core.handle(m.topic(other), m.telemetry(other, 8))  # new
-    core.flush()
+    with caplog.at_level("WARNING", logger="hearth.service.ingest"):
+        core.flush()
+    assert ("written again" in caplog.text) == (backend == "postgresql")
     assert [(r.seq, r.readings["temperature"]) for r in telemetry_rows(sf, dev)] == [
         (1, 21.0), (2, 22.0), (3, 23.0), (4, 24.0)]
     assert [r.seq for r in telemetry_rows(sf, other)] == [5, 7, 8]
@@ -523,16 +527,14 @@ def test_flush_is_due_by_size_or_age(sf: sessionmaker[Session], imported: Fleet)
 class _Outage:
     """Makes every statement on ``engine`` fail like a lost database while ``on``."""
 
-    def __init__(self, sf: sessionmaker[Session], *, transient: bool = True,
-                 when: Callable[[str, Any], bool] = lambda _s, _p: True) -> None:
+    def __init__(self, sf: sessionmaker[Session]) -> None:
         self.on = False
         engine = sf.kw["bind"]
-        dbapi = engine.dialect.loaded_dbapi
-        error = dbapi.OperationalError if transient else dbapi.IntegrityError
+        error = engine.dialect.loaded_dbapi.OperationalError
 
         @sa_event.listens_for(engine, "before_cursor_execute")
-        def _fail(_conn: Any, _cursor: Any, statement: str, params: Any, *_a: Any) -> None:
-            if self.on and when(statement, params):
+        def _fail(*_a: Any) -> None:
+            if self.on:
                 raise error("simulated database failure")
 
 
@@ -616,6 +618,45 @@ def test_a_write_stuck_on_a_lock_is_cancelled_kept_and_retried(
 
 @pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id == "postgresql"],
                          indirect=True)
+def test_a_connection_lost_during_the_copy_keeps_the_batch(
+    sf: sessionmaker[Session], imported: Fleet
+) -> None:
+    """The batch's telemetry goes in with COPY, outside SQLAlchemy's statements: when
+    the server ends the connection right before it (a real termination, after the unit
+    lock), the flush fails as a transient storage error, nothing is stored or
+    acknowledged, and the next flush stores the batch once."""
+    dev = imported.thermostats[0]
+    core = IngestCore(sf, batch_size=10)
+    for seq in (1, 2):
+        core.handle(m.topic(dev), m.telemetry(dev, seq), ack=seq)
+    engine = sf.kw["bind"]
+    killed: list[int] = []
+
+    def kill(_conn: Any, cursor: Any, statement: str, *_a: Any) -> None:
+        if "FROM units" not in statement or " FOR " not in statement or killed:
+            return
+        pid = cursor.connection.info.backend_pid
+        with engine.connect() as other:  # waits (up to 10 s) until the backend has exited
+            assert other.exec_driver_sql(
+                "SELECT pg_terminate_backend(%(pid)s, 10000)", {"pid": pid}).scalar()
+        killed.append(pid)
+
+    sa_event.listen(engine, "after_cursor_execute", kill)
+    try:
+        with pytest.raises(StorageError) as info:
+            core.flush()
+    finally:
+        sa_event.remove(engine, "after_cursor_execute", kill)
+    assert killed and info.value.transient
+    assert isinstance(info.value.__cause__, sa.exc.OperationalError)
+    assert core.pending == 2 and telemetry_rows(sf, dev) == []
+    assert core.flush() == [1, 2]
+    assert [r.seq for r in telemetry_rows(sf, dev)] == [1, 2]
+    assert counters(sf) == {(dev, ACCEPTED): 2}
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id == "postgresql"],
+                         indirect=True)
 def test_a_batch_in_flight_does_not_hold_up_rows_that_reference_its_units(
     sf: sessionmaker[Session], imported: Fleet
 ) -> None:
@@ -661,15 +702,7 @@ def test_a_poison_message_cannot_stall_the_stream(
     """The database refuses one message for a data reason: the rest of the batch is
     stored and the poison message is quarantined, not retried forever."""
     dev = imported.thermostats[0]
-
-    def poison(statement: str, params: Any) -> bool:
-        values = params.values() if isinstance(params, dict) else params or ()
-        # PostgreSQL batches bind one array per column; SQLite binds scalars
-        flat = [x for v in values for x in (v if isinstance(v, list) else [v])]
-        return "INSERT INTO telemetry" in statement and 666 in flat
-
-    outage = _Outage(sf, transient=False, when=poison)
-    outage.on = True
+    refuse_telemetry_seq(sf.kw["bind"], 666)
     for seq in (1, 666, 3):
         core.handle(m.topic(dev), m.telemetry(dev, seq), ack=seq)
     assert core.flush() == [1, 666, 3]
