@@ -68,7 +68,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from hearth import protocol
 from hearth.errors import ValidationError
 from hearth.protocol import MAX_PAYLOAD_BYTES, Reason
-from hearth.service.db import StorageError, begin_write, is_transient, utcnow
+from hearth.service.db import StorageError, is_transient, utcnow, write_transaction
 from hearth.service.models import (
     DETAIL_MAX,
     TOPIC_MAX,
@@ -308,7 +308,7 @@ class _LockedUnit:
     """
 
     __slots__ = ("accepted", "delta", "delta_json", "last_seen_at", "latest_seq", "latest_ts",
-                 "model", "status")
+                 "model", "seen_moved", "status", "whole")
 
     def __init__(self, model: str, status: str, last_seen_at: dt.datetime | None,
                  latest_seq: int | None) -> None:
@@ -317,7 +317,9 @@ class _LockedUnit:
         self.latest_ts: dt.datetime | None = None
         self.delta: dict[str, Any] | None = None
         self.delta_json: str | None = None
+        self.whole = False  # the delta has every reading of the unit's model
         self.accepted = 0
+        self.seen_moved = False  # last_seen_at was moved on
 
 
 def _table(model: type[Any]) -> sa.Table:
@@ -589,7 +591,7 @@ class IngestCore:
         self._pg_timeout_sql = (
             f"SELECT set_config('statement_timeout', '{max(1, round(write_timeout * 1000))}', "
             "true)")
-        self._sf = session_factory
+        self._engine = session_factory.kw["bind"]
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self._excerpt_bytes = excerpt_bytes
@@ -816,9 +818,7 @@ class IngestCore:
 
     def _transaction(self, batch: Sequence[_Entry], *, copy_new: bool) -> list[_Entry]:
         entries = [e.copy() for e in batch]
-        with self._sf() as session, session.begin():
-            begin_write(session)
-            conn = session.connection()
+        with write_transaction(self._engine) as conn:
             pg = conn.dialect.name == "postgresql"
             if pg:  # every statement of this transaction (SET LOCAL): see write_timeout
                 conn.exec_driver_sql(self._pg_timeout_sql)
@@ -851,7 +851,7 @@ class IngestCore:
             if accepted["event"]:
                 self._store_series(conn, pg, accepted["event"], EventRow, units)
             if accepted["cmd/result"]:
-                self._store_results(session, accepted["cmd/result"])
+                self._store_results(conn, accepted["cmd/result"])
             self._update_units(conn, pg, units, entries, stored_tel)
             others = [e for e in entries if e.reason != ACCEPTED]  # usually none
             if others:
@@ -1037,36 +1037,37 @@ class IngestCore:
         return stored
 
     @staticmethod
-    def _store_results(session: Session, accepted: Sequence[_Entry]) -> None:
+    def _store_results(conn: sa.Connection, accepted: Sequence[_Entry]) -> None:
         results = list(accepted)
         results.sort(key=lambda e: e.msg.command_id)  # type: ignore[union-attr]  # lock order
-        for e in results:
-            msg = e.msg
-            assert isinstance(msg, protocol.CommandResult)
-            row = session.get(CommandRow, msg.command_id, with_for_update=True)
-            if row is None or row.device_id != e.device_id:
-                e.refuse(Reason.UNKNOWN_COMMAND, "no such command for this unit")
-                continue
-            previous = row.result or {}
-            if previous.get("source") == "unit":
-                if previous.get("digest") == e.digest:
-                    e.reason = DUPLICATE
-                else:
-                    e.refuse(Reason.REPLAYED_SEQUENCE, "command already has a different result")
-                continue
-            row.status = CommandStatus(msg.status).value
-            row.result = {
-                "source": "unit",
-                "status": msg.status,
-                "reason": msg.reason,
-                "detail": msg.detail,
-                "state": dict(msg.state),
-                "seq": msg.seq,
-                "ts": msg.ts.astimezone(dt.UTC).isoformat(),
-                "digest": e.digest,
-            }
-            row.completed_at = e.received_at
-        session.flush()
+        with Session(bind=conn) as session:  # in conn's transaction (which it leaves open)
+            for e in results:
+                msg = e.msg
+                assert isinstance(msg, protocol.CommandResult)
+                row = session.get(CommandRow, msg.command_id, with_for_update=True)
+                if row is None or row.device_id != e.device_id:
+                    e.refuse(Reason.UNKNOWN_COMMAND, "no such command for this unit")
+                    continue
+                previous = row.result or {}
+                if previous.get("source") == "unit":
+                    if previous.get("digest") == e.digest:
+                        e.reason = DUPLICATE
+                    else:
+                        e.refuse(Reason.REPLAYED_SEQUENCE, "command already has a different result")
+                    continue
+                row.status = CommandStatus(msg.status).value
+                row.result = {
+                    "source": "unit",
+                    "status": msg.status,
+                    "reason": msg.reason,
+                    "detail": msg.detail,
+                    "state": dict(msg.state),
+                    "seq": msg.seq,
+                    "ts": msg.ts.astimezone(dt.UTC).isoformat(),
+                    "digest": e.digest,
+                }
+                row.completed_at = e.received_at
+            session.flush()
 
     @staticmethod
     def _update_units(
@@ -1079,47 +1080,57 @@ class IngestCore:
         """Last seen time of every unit heard from, its count of accepted messages, and
         the latest state (readings merged in sequence order) of those with newly stored
         telemetry. One statement per batch."""
-        changed: dict[str, _LockedUnit] = {}
-        for e in entries:
-            device_id = e.device_id
-            if device_id is None:
-                continue
-            unit = units.get(device_id)
+        get = units.get
+        for e in entries:  # device_id None (an unknown topic): no unit
+            unit = get(e.device_id)  # type: ignore[arg-type]
             if unit is None:
                 continue
             if e.reason == ACCEPTED:
                 unit.accepted += 1
-                changed[device_id] = unit
-            if unit.last_seen_at is None or e.received_at > unit.last_seen_at:
-                unit.last_seen_at = e.received_at
-                changed[device_id] = unit
-        for e in stored_telemetry:  # in (device_id, seq) order: each unit's in seq order
-            msg = e.msg
-            assert isinstance(msg, protocol.Telemetry) and e.device_id is not None
-            unit = units[e.device_id]
+            last_seen = unit.last_seen_at
+            if last_seen is None or e.received_at > last_seen:
+                unit.last_seen_at, unit.seen_moved = e.received_at, True
+        # each unit's newest stored message (stored_telemetry is in (device_id, seq)
+        # order); the usual case: it reports every reading of its model, so it alone is
+        # the delta, whatever came before it
+        newest = {e.device_id: e for e in stored_telemetry}
+        partial: dict[str, dict[str, Any]] = {}
+        for device_id, e in newest.items():
+            unit = units[device_id]  # type: ignore[index]
+            msg = cast(protocol.Telemetry, e.msg)
             if unit.latest_seq is not None and msg.seq <= unit.latest_seq:
-                continue  # an older message arriving late: stored, but not the current state
-            if unit.delta is None or unit.delta.keys() <= msg.readings.keys():
-                # the usual case: a message reports every reading the earlier ones did,
-                # so it replaces them, and its readings JSON is the delta's
-                unit.delta, unit.delta_json = msg.readings, e.readings_json
+                continue  # late messages only: stored, but not the current state
+            names = _READING_NAMES.get(unit.model)
+            if names is not None and msg.readings.keys() >= names:
+                unit.delta, unit.delta_json, unit.whole = msg.readings, e.readings_json, True
+                unit.latest_seq, unit.latest_ts = msg.seq, e.ts
             else:
-                unit.delta, unit.delta_json = {**unit.delta, **msg.readings}, None
-            unit.latest_seq = msg.seq
-            unit.latest_ts = e.ts
-            changed[e.device_id] = unit
+                partial[device_id] = {}  # type: ignore[index]
+        if partial:  # merge their messages past latest_seq, in seq order
+            for e in stored_telemetry:
+                delta = partial.get(e.device_id)  # type: ignore[arg-type]
+                if delta is None:
+                    continue
+                unit = units[e.device_id]  # type: ignore[index]
+                msg = cast(protocol.Telemetry, e.msg)
+                if unit.latest_seq is None or msg.seq > unit.latest_seq:
+                    delta.update(msg.readings)
+            for device_id, delta in partial.items():
+                unit, e = units[device_id], newest[device_id]
+                names = _READING_NAMES.get(unit.model)
+                unit.delta, unit.delta_json = delta, _readings_json(delta)
+                unit.whole = names is not None and delta.keys() >= names
+                unit.latest_seq = cast(protocol.Telemetry, e.msg).seq
+                unit.latest_ts = e.ts
+        changed = {d: u for d, u in units.items()
+                   if u.accepted or u.seen_moved or u.delta is not None}
         if not changed:
             return
         ordered = sorted(changed.items())
         # A delta with every reading of the unit's model replaces the stored state (which
         # holds nothing else); the database merges only a partial one (a jsonb merge
         # costs PostgreSQL about 1 µs a unit).
-        whole: list[bool] = []
-        for _, u in ordered:
-            if u.delta is not None and u.delta_json is None:
-                u.delta_json = _readings_json(u.delta)
-            names = _READING_NAMES.get(u.model)
-            whole.append(u.delta is not None and names is not None and u.delta.keys() >= names)
+        whole = [u.whole for _, u in ordered]
         if pg:
             conn.exec_driver_sql(_PG_UPDATE_UNITS, (
                 [d for d, _ in ordered],
