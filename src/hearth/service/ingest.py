@@ -129,6 +129,9 @@ UNIT_CACHE_TTL = 30.0
 UNKNOWN_CACHE_TTL = 5.0
 UNIT_CACHE_MAX = 100_000
 _INSERT_CHUNK = 500
+_TOPIC_CACHE_MAX = 65_536
+"""Device topics whose parse is remembered (a dict lookup instead of a regex match per
+message); emptied when full, then filled again by the topics in use."""
 
 _Kind = Literal["telemetry", "event", "cmd/result", ""]
 
@@ -602,6 +605,7 @@ class IngestCore:
         self._first_pending_at = 0.0
         self._stats = _Stats()
         self._accepted_outcomes: dict[str, Outcome] = {}
+        self._topics: dict[str, tuple[str, str]] = {}  # device topics already parsed
 
     # -- intake ---------------------------------------------------------------------------
 
@@ -654,13 +658,19 @@ class IngestCore:
         if isinstance(payload, bytearray | memoryview):
             payload = bytes(payload)
         raw = payload if isinstance(payload, bytes) else b""
-        try:
-            device_id, kind = protocol.parse_topic(topic_text)
-        except ValidationError as e:
-            entry = _Entry(_clean(topic_text, TOPIC_MAX), received_at, ack, len(raw),
-                           raw[: self._excerpt_bytes])
-            entry.refuse(e.reason, e.detail)
-            return entry
+        parsed = self._topics.get(topic_text)
+        if parsed is None:
+            try:
+                parsed = protocol.parse_topic(topic_text)
+            except ValidationError as e:
+                entry = _Entry(_clean(topic_text, TOPIC_MAX), received_at, ack, len(raw),
+                               raw[: self._excerpt_bytes])
+                entry.refuse(e.reason, e.detail)
+                return entry
+            if len(self._topics) >= _TOPIC_CACHE_MAX:
+                self._topics.clear()
+            self._topics[topic_text] = parsed
+        device_id, kind = parsed
         # a device topic is short printable ASCII: nothing to clean
         entry = _Entry(topic_text, received_at, ack, len(raw), raw[: self._excerpt_bytes])
         if not isinstance(payload, bytes):
