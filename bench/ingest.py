@@ -101,6 +101,8 @@ from _common import (
     temp_pg_database,
 )
 
+from hearth.service.config import INGEST_BATCH_SIZE, INGEST_FLUSH_MS
+
 TARGET_RATIO = 0.8
 TARGET_PG_RATE = 10_000.0
 PROGRESS_EVERY = 1.0
@@ -1034,8 +1036,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="most messages sent but not yet taken by consumers "
                         "(0: 2000 per worker, well inside Mosquitto's 10,000-message "
                         "per-session queue)")
-    p.add_argument("--batch-size", type=int, default=500, help="ingest batch size")
-    p.add_argument("--flush-ms", type=int, default=50, help="ingest flush interval (ms)")
+    p.add_argument("--batch-size", type=int, default=INGEST_BATCH_SIZE,
+                   help="ingest batch size (the service's default)")
+    p.add_argument("--flush-ms", type=int, default=INGEST_FLUSH_MS,
+                   help="ingest flush interval (ms; the service's default)")
     p.add_argument("--postgres-url",
                    default=os.environ.get("HEARTH_TEST_DATABASE_URL") or DEFAULT_PG_URL,
                    help="PostgreSQL server (loopback) on which a temporary database is "

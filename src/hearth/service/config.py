@@ -12,8 +12,8 @@ Environment variables (all optional)::
                                      (PostgreSQL: postgresql+psycopg://user@host/db)
     HEARTH_HTTP_HOST / _PORT         127.0.0.1 / 8443
     HEARTH_MQTT_HOST / _PORT         127.0.0.1 / 8883
-    HEARTH_INGEST_BATCH_SIZE         500     messages per database transaction
-    HEARTH_INGEST_FLUSH_MS           50      longest a message waits before its batch is written
+    HEARTH_INGEST_BATCH_SIZE         2000    most messages per database transaction
+    HEARTH_INGEST_FLUSH_MS           200     longest a message waits before its batch is written
     HEARTH_API_MAX_BODY_BYTES        65536   largest request body
     HEARTH_API_MAX_PAGE              1000    most rows one list request returns
     HEARTH_COMMAND_MAX_TTL_SECONDS   3600    longest life an operator may give a command
@@ -37,9 +37,18 @@ from sqlalchemy.exc import ArgumentError
 
 from hearth.errors import ConfigError
 
-__all__ = ["ENV_PREFIX", "Settings"]
+__all__ = ["ENV_PREFIX", "INGEST_BATCH_SIZE", "INGEST_FLUSH_MS", "Settings"]
 
 ENV_PREFIX = "HEARTH_"
+
+INGEST_BATCH_SIZE = 2000
+INGEST_FLUSH_MS = 200
+"""The ingest's batches: written when this many messages wait, or when the oldest has
+waited this long. Under load a batch is what arrived while the previous one was being
+written; each batch costs a transaction and one lock and update of every unit in it, so
+bigger batches cost far less per message (in-process, 200 units: writing took 71 µs of
+client and server CPU per message in batches of 350, 32 in batches of 2,000; ADR 0004),
+for at most a fifth of a second more before telemetry is stored and acknowledged."""
 
 _SUPPORTED_DRIVERS = ("sqlite", "sqlite+pysqlite", "postgresql+psycopg")
 
@@ -83,8 +92,8 @@ class Settings:
     http_port: int = 8443
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 8883
-    ingest_batch_size: int = 500
-    ingest_flush_ms: int = 50
+    ingest_batch_size: int = INGEST_BATCH_SIZE
+    ingest_flush_ms: int = INGEST_FLUSH_MS
     api_max_body_bytes: int = 64 * 1024
     api_max_page: int = 1000
     command_max_ttl_seconds: int = 3600

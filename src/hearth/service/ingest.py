@@ -68,6 +68,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from hearth import protocol
 from hearth.errors import ValidationError
 from hearth.protocol import MAX_PAYLOAD_BYTES, Reason
+from hearth.service.config import INGEST_BATCH_SIZE, INGEST_FLUSH_MS
 from hearth.service.db import StorageError, is_transient, utcnow, write_transaction
 from hearth.service.models import (
     DETAIL_MAX,
@@ -114,8 +115,8 @@ SUBSCRIPTIONS = tuple(
     f"$share/{SHARE_GROUP}/{protocol.TOPIC_PREFIX}/+/{kind}" for kind in INGEST_KINDS
 )
 
-DEFAULT_BATCH_SIZE = 500
-DEFAULT_FLUSH_INTERVAL = 0.05
+DEFAULT_BATCH_SIZE = INGEST_BATCH_SIZE
+DEFAULT_FLUSH_INTERVAL = INGEST_FLUSH_MS / 1000
 DEFAULT_EXCERPT_BYTES = 512
 DEFAULT_QUARANTINE_ROWS_PER_KEY = 20
 DEFAULT_WRITE_TIMEOUT = 20.0
