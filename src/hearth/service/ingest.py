@@ -130,6 +130,9 @@ UNIT_CACHE_TTL = 30.0
 UNKNOWN_CACHE_TTL = 5.0
 UNIT_CACHE_MAX = 100_000
 _INSERT_CHUNK = 500
+_GC_YOUNG_THRESHOLD = 50_000
+"""Allocations between two collections of the youngest generation in a process that
+runs ingest workers (see IngestWorker.start)."""
 _TOPIC_CACHE_MAX = 65_536
 """Device topics whose parse is remembered (a dict lookup instead of a regex match per
 message); emptied when full, then filled again by the topics in use."""
@@ -1291,7 +1294,13 @@ class IngestWorker:
         # Everything that exists now (modules, ORM/pydantic schemas, ...) lives as long as
         # the process: exclude it from the garbage collector's full scans, which otherwise
         # walk it again and again as the stream of short-lived messages triggers them.
+        # And collect young objects less often: each message allocates about ten
+        # containers, so the default (a collection every 700) ran one every 70 messages,
+        # walking a batch that stays alive until it is written (in-process, 3.2 µs of
+        # collector per message; 0.2 with this threshold). Cycles are rare on this path.
         gc.freeze()
+        if gc.get_threshold()[0] < _GC_YOUNG_THRESHOLD:
+            gc.set_threshold(_GC_YOUNG_THRESHOLD)
         self._subscriber.start()
 
     def stop(self, timeout: float = 10.0) -> None:
