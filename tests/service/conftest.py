@@ -98,6 +98,11 @@ def bare_engine(backend: str, tmp_path: Path) -> Iterator[Engine]:
         admin.dispose()
 
 
+POSTGRESQL_ONLY = pytest.mark.parametrize(
+    "backend", [p for p in BACKENDS if p.id == "postgresql"], indirect=True)
+"""For a test of PostgreSQL behaviour (row locks, statement timeouts, COPY, schemas)."""
+
+
 def refuse_telemetry_seq(engine: Engine, seq: int) -> None:
     """Make the database itself refuse any telemetry row with ``seq`` (a constraint
     violation, whatever statement inserts it: INSERT or COPY), as a poison message would

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from hearth.errors import ConfigError
 from hearth.service import db
 from hearth.service.models import ApiToken, all_metadata
-from tests.service.conftest import BACKENDS
+from tests.service.conftest import POSTGRESQL_ONLY
 
 
 def test_upgrade_head_creates_every_table(engine: Engine) -> None:
@@ -106,8 +106,7 @@ def test_migrate_reports_unreachable_database() -> None:
         db.migrate("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=1")
 
 
-@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id == "postgresql"],
-                         indirect=True)
+@POSTGRESQL_ONLY
 def test_units_pages_leave_room_for_in_place_updates(engine: Engine) -> None:
     """Migration 0401: the ingest's per-batch unit updates can stay on their page."""
     with engine.connect() as conn:

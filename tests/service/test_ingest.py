@@ -37,7 +37,7 @@ from hearth.service.models import (
     Unit,
 )
 from tests.service import messages as m
-from tests.service.conftest import BACKENDS, Fleet, refuse_telemetry_seq
+from tests.service.conftest import POSTGRESQL_ONLY, Fleet, refuse_telemetry_seq
 
 
 @pytest.fixture
@@ -577,8 +577,12 @@ def test_unit_lookup_during_an_outage_is_deferred_not_lost(
                             ("", Reason.UNKNOWN_DEVICE): 1}
 
 
-@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id == "postgresql"],
-                         indirect=True)
+def _locks_units(statement: str) -> bool:
+    """Whether ``statement`` is the write transaction's lock of its units."""
+    return "FROM units" in statement and " FOR " in statement
+
+
+@POSTGRESQL_ONLY
 def test_a_write_stuck_on_a_lock_is_cancelled_kept_and_retried(
     sf: sessionmaker[Session], imported: Fleet
 ) -> None:
@@ -616,8 +620,7 @@ def test_a_write_stuck_on_a_lock_is_cancelled_kept_and_retried(
     assert counters(sf) == {(dev, ACCEPTED): 1}
 
 
-@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id == "postgresql"],
-                         indirect=True)
+@POSTGRESQL_ONLY
 def test_a_connection_lost_during_the_copy_keeps_the_batch(
     sf: sessionmaker[Session], imported: Fleet
 ) -> None:
@@ -633,7 +636,7 @@ def test_a_connection_lost_during_the_copy_keeps_the_batch(
     killed: list[int] = []
 
     def kill(_conn: Any, cursor: Any, statement: str, *_a: Any) -> None:
-        if "FROM units" not in statement or " FOR " not in statement or killed:
+        if not _locks_units(statement) or killed:
             return
         pid = cursor.connection.info.backend_pid
         with engine.connect() as other:  # waits (up to 10 s) until the backend has exited
@@ -655,8 +658,7 @@ def test_a_connection_lost_during_the_copy_keeps_the_batch(
     assert counters(sf) == {(dev, ACCEPTED): 2}
 
 
-@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id == "postgresql"],
-                         indirect=True)
+@POSTGRESQL_ONLY
 def test_a_batch_in_flight_does_not_hold_up_rows_that_reference_its_units(
     sf: sessionmaker[Session], imported: Fleet
 ) -> None:
@@ -670,7 +672,7 @@ def test_a_batch_in_flight_does_not_hold_up_rows_that_reference_its_units(
     inserted: list[str] = []
 
     def meanwhile(_conn: Any, _cursor: Any, statement: str, *_a: Any) -> None:
-        if "FROM units" not in statement or " FOR " not in statement or inserted:
+        if not _locks_units(statement) or inserted:
             return
         now = dt.datetime.now(dt.UTC)
         with engine.begin() as other:  # another transaction, while the batch's is open
