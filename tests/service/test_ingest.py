@@ -6,10 +6,11 @@ One named test per kind of bad input; after each, a good message must still be s
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -577,9 +578,23 @@ def test_unit_lookup_during_an_outage_is_deferred_not_lost(
                             ("", Reason.UNKNOWN_DEVICE): 1}
 
 
-def _locks_units(statement: str) -> bool:
-    """Whether ``statement`` is the write transaction's lock of its units."""
-    return "FROM units" in statement and " FOR " in statement
+@contextlib.contextmanager
+def _after_the_unit_lock(engine: sa.Engine, action: Callable[[Any], None]) -> Iterator[list[str]]:
+    """Run ``action(cursor)`` once, right after a write transaction has locked its units
+    (while it is still open); yields the statements it ran after (one at most)."""
+    done: list[str] = []
+
+    def hook(_conn: Any, cursor: Any, statement: str, *_a: Any) -> None:
+        if done or "FROM units" not in statement or " FOR " not in statement:
+            return
+        action(cursor)
+        done.append(statement)
+
+    sa_event.listen(engine, "after_cursor_execute", hook)
+    try:
+        yield done
+    finally:
+        sa_event.remove(engine, "after_cursor_execute", hook)
 
 
 @POSTGRESQL_ONLY
@@ -633,23 +648,15 @@ def test_a_connection_lost_during_the_copy_keeps_the_batch(
     for seq in (1, 2):
         core.handle(m.topic(dev), m.telemetry(dev, seq), ack=seq)
     engine = sf.kw["bind"]
-    killed: list[int] = []
 
-    def kill(_conn: Any, cursor: Any, statement: str, *_a: Any) -> None:
-        if not _locks_units(statement) or killed:
-            return
+    def kill(cursor: Any) -> None:
         pid = cursor.connection.info.backend_pid
         with engine.connect() as other:  # waits (up to 10 s) until the backend has exited
             assert other.exec_driver_sql(
                 "SELECT pg_terminate_backend(%(pid)s, 10000)", {"pid": pid}).scalar()
-        killed.append(pid)
 
-    sa_event.listen(engine, "after_cursor_execute", kill)
-    try:
-        with pytest.raises(StorageError) as info:
-            core.flush()
-    finally:
-        sa_event.remove(engine, "after_cursor_execute", kill)
+    with _after_the_unit_lock(engine, kill) as killed, pytest.raises(StorageError) as info:
+        core.flush()
     assert killed and info.value.transient
     assert isinstance(info.value.__cause__, sa.exc.OperationalError)
     assert core.pending == 2 and telemetry_rows(sf, dev) == []
@@ -669,11 +676,8 @@ def test_a_batch_in_flight_does_not_hold_up_rows_that_reference_its_units(
     core = IngestCore(sf, batch_size=10)
     core.handle(m.topic(dev), m.telemetry(dev, 1), ack=1)
     engine = sf.kw["bind"]
-    inserted: list[str] = []
 
-    def meanwhile(_conn: Any, _cursor: Any, statement: str, *_a: Any) -> None:
-        if not _locks_units(statement) or inserted:
-            return
+    def meanwhile(_cursor: Any) -> None:
         now = dt.datetime.now(dt.UTC)
         with engine.begin() as other:  # another transaction, while the batch's is open
             other.exec_driver_sql("SET LOCAL lock_timeout = '2s'")
@@ -681,13 +685,9 @@ def test_a_batch_in_flight_does_not_hold_up_rows_that_reference_its_units(
                 command_id="c" * 32, device_id=dev, name="set_target",
                 params={"target": 21.0}, issued_at=now,
                 expires_at=now + dt.timedelta(minutes=5), status="pending"))
-        inserted.append(statement)
 
-    sa_event.listen(engine, "after_cursor_execute", meanwhile)
-    try:
+    with _after_the_unit_lock(engine, meanwhile) as inserted:
         assert core.flush() == [1]
-    finally:
-        sa_event.remove(engine, "after_cursor_execute", meanwhile)
     assert len(inserted) == 1
     assert [r.seq for r in telemetry_rows(sf, dev)] == [1]
 

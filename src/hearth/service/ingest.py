@@ -328,6 +328,15 @@ class _LockedUnit:
         self.accepted = 0
         self.seen_moved = False  # last_seen_at was moved on
 
+    def set_state(self, delta: dict[str, Any], delta_json: str | None, newest: _Entry) -> None:
+        """The delta that newly stored telemetry makes, up to its ``newest`` message."""
+        names = _READING_NAMES.get(self.model)
+        self.delta = delta
+        self.delta_json = _readings_json(delta) if delta_json is None else delta_json
+        self.whole = names is not None and delta.keys() >= names
+        self.latest_seq = cast(protocol.Telemetry, newest.msg).seq
+        self.latest_ts = newest.ts
+
 
 def _table(model: type[Any]) -> sa.Table:
     table = model.__table__
@@ -1116,8 +1125,7 @@ class IngestCore:
                 continue  # late messages only: stored, but not the current state
             names = _READING_NAMES.get(unit.model)
             if names is not None and msg.readings.keys() >= names:
-                unit.delta, unit.delta_json, unit.whole = msg.readings, e.readings_json, True
-                unit.latest_seq, unit.latest_ts = msg.seq, e.ts
+                unit.set_state(msg.readings, e.readings_json, e)
             else:
                 partial[device_id] = {}  # type: ignore[index]
         if partial:  # merge their messages past latest_seq, in seq order
@@ -1130,12 +1138,7 @@ class IngestCore:
                 if unit.latest_seq is None or msg.seq > unit.latest_seq:
                     delta.update(msg.readings)
             for device_id, delta in partial.items():
-                unit, e = units[device_id], newest[device_id]
-                names = _READING_NAMES.get(unit.model)
-                unit.delta, unit.delta_json = delta, _readings_json(delta)
-                unit.whole = names is not None and delta.keys() >= names
-                unit.latest_seq = cast(protocol.Telemetry, e.msg).seq
-                unit.latest_ts = e.ts
+                units[device_id].set_state(delta, None, newest[device_id])
         changed = {d: u for d, u in units.items()
                    if u.accepted or u.seen_moved or u.delta is not None}
         if not changed:
